@@ -1,0 +1,128 @@
+"""Evaluate steering: per policy and direction, the mean rewards and lengths on held-out prompts.
+
+DPA's claim is arithmetic control: as θ goes from −45° to +45° answers get longer (verbosity up) while helpfulness
+stays high, and each RSF round pushes the front of (verbosity, helpfulness) points outwards (DPA Fig. "validation
+rewards"). This script turns scored evaluation samples (sample.py --degrees ... → score.py --judge) into:
+  - a table per (policy, θ): mean ± standard error of the RM's helpfulness and verbosity, the judge's (ground truth),
+    mean length in tokens / words / characters, truncation rate  → OUT.jsonl and OUT.csv
+  - Spearman(θ, mean verbosity) and Spearman(θ, mean length) per policy, and the length ratio at the extreme angles
+  - OUT.png: mean verbosity (x) vs mean helpfulness (y), one curve per policy, points labelled by θ (needs matplotlib)
+
+    python evaluate.py base=runs/demo/eval-0.jsonl round1=runs/demo/eval-1.jsonl --out runs/demo/eval
+"""
+import argparse
+import csv
+import math
+from collections import defaultdict
+
+import numpy as np
+
+from common import HELPFULNESS, VERBOSITY, read_jsonl, write_jsonl
+
+
+def mean_se(xs):
+    xs = np.asarray(xs, float)
+    return float(xs.mean()), float(xs.std(ddof=1) / math.sqrt(len(xs))) if len(xs) > 1 else 0.0
+
+
+def spearman(x, y):
+    """Spearman rank correlation (average ranks for ties); NaN when either side is constant."""
+    def ranks(a):
+        a = np.asarray(a, float)
+        order = a.argsort(kind="stable")
+        r = np.empty(len(a))
+        r[order] = np.arange(len(a))
+        for v in np.unique(a):  # ties share their mean rank
+            r[a == v] = r[a == v].mean()
+        return r
+    rx, ry = ranks(x), ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def table(policy, records):
+    """Rows of the evaluation table for one policy's scored samples: one per direction θ, sorted by θ."""
+    by_deg = defaultdict(list)
+    for r in records:
+        by_deg[r["degree"]].append(r)
+    rows = []
+    for deg in sorted(by_deg):
+        rs = by_deg[deg]
+        row = {"policy": policy, "degree": deg, "n": len(rs)}
+        for key, src, attr in (("help", "rewards", HELPFULNESS), ("verb", "rewards", VERBOSITY),
+                               ("judge_help", "judge", HELPFULNESS), ("judge_verb", "judge", VERBOSITY)):
+            if all(src in r for r in rs):
+                row[key], row[key + "_se"] = mean_se([r[src][attr] for r in rs])
+        row["tokens"], row["tokens_se"] = mean_se([r["n_tokens"] for r in rs])
+        row["words"] = float(np.mean([len(r["response"].split()) for r in rs]))
+        row["chars"] = float(np.mean([len(r["response"]) for r in rs]))
+        row["truncated"] = float(np.mean([r["truncated"] for r in rs]))
+        rows.append(row)
+    return rows
+
+
+def summary(rows):
+    """Controllability of one policy: Spearman(θ, verbosity), Spearman(θ, length), length ratio max θ / min θ."""
+    deg = [r["degree"] for r in rows]
+    return {"policy": rows[0]["policy"], "spearman_verb": spearman(deg, [r["verb"] for r in rows]),
+            "spearman_len": spearman(deg, [r["tokens"] for r in rows]),
+            "len_ratio": rows[-1]["tokens"] / max(rows[0]["tokens"], 1e-9)}
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("evaluate: matplotlib not installed, no plot (pip install matplotlib)")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for policy in dict.fromkeys(r["policy"] for r in rows):
+        rs = [r for r in rows if r["policy"] == policy]
+        ax.plot([r["verb"] for r in rs], [r["help"] for r in rs], "o-", label=policy)
+        for r in rs:
+            ax.annotate(f"{r['degree']:g}°", (r["verb"], r["help"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set_xlabel("mean verbosity reward (RM, 0-100)")
+    ax.set_ylabel("mean helpfulness reward (RM, 0-100)")
+    ax.set_title("Directional control on held-out prompts")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("scored", nargs="+", help="NAME=scored.jsonl, one per policy, in round order")
+    p.add_argument("--out", required=True, help="output prefix: writes OUT.jsonl, OUT.csv, OUT.png")
+    args = p.parse_args()
+    rows, summaries = [], []
+    for spec in args.scored:
+        name, _, path = spec.rpartition("=")
+        rs = table(name or path, read_jsonl(path, required=("degree", "response", "n_tokens", "truncated", "rewards")))
+        rows += rs
+        summaries.append(summary(rs))
+    write_jsonl(args.out + ".jsonl", rows)
+    with open(args.out + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    plot(rows, args.out + ".png")
+
+    has_judge = "judge_help" in rows[0]
+    print(f"{'policy':10s} {'θ':>5s} {'help':>11s} {'verb':>11s}" + (f" {'judge h':>8s} {'judge v':>8s}" if has_judge else "")
+          + f" {'tokens':>7s} {'words':>6s} {'trunc':>6s}")
+    for r in rows:
+        print(f"{r['policy']:10s} {r['degree']:5g} {r['help']:5.1f}±{r['help_se']:4.1f} {r['verb']:5.1f}±{r['verb_se']:4.1f}"
+              + (f" {r['judge_help']:8.1f} {r['judge_verb']:8.1f}" if has_judge else "")
+              + f" {r['tokens']:7.1f} {r['words']:6.1f} {r['truncated']:6.0%}")
+    for s in summaries:
+        print(f"evaluate: {s['policy']:10s} | spearman(θ, verbosity) {s['spearman_verb']:+.2f} | "
+              f"spearman(θ, length) {s['spearman_len']:+.2f} | length ratio max/min θ {s['len_ratio']:.2f}")
+    write_jsonl(args.out + "_summary.jsonl", summaries)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""Stage 4 of DPA: fine-tune the policy on its own best responses (rejection-sampling fine-tuning), or on
+directional preference pairs with DPO.
+
+RSF (--loss sft, DPA §3): for each prompt x and direction v keep y* = argmax_y vᵀr(x, y) among the scored samples
+(best-of-n) and minimise −log π(y* | system(v), x) on the assistant tokens only.
+  --select sampled    v is the direction each response was sampled under (the paper's loop)
+  --select hindsight  every sample of x competes for every v in --target-degrees: one set of samples scored once gives
+                      a best response per direction at no extra sampling cost (hindsight relabelling)
+DPO (--loss dpo, Rafailov et al. 2023, Eq. 7): −log σ(β[(log π(y⁺) − log π_ref(y⁺)) − (log π(y⁻) − log π_ref(y⁻))])
+with summed response log-probs; reference log-probs are computed once before training (the reference is the
+starting policy). Pairs come from the scores:
+  --pairs mirrored    y⁺ = argmax R_{+a}, y⁻ = argmax R_{−a}; two pairs with the preference flipped by the
+                      direction: system(+a): y⁺ ≻ y⁻ and system(−a): y⁻ ≻ y⁺ (the contrast teaches v, not a mean)
+  --pairs best-worst  per (prompt, sampled θ): best vs worst by R_θ under system(θ)
+--nll-coef adds the SFT loss on the chosen responses, which keeps them fluent.
+
+reads  scored JSONL (score.py)      writes a save_pretrained folder + meta.json (+ the training rows as JSONL)
+
+    python finetune.py --scored runs/demo/scored.jsonl --select hindsight --out runs/demo/policy-1
+"""
+import argparse
+import json
+import math
+import os
+import random
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from common import (ATTRIBUTES, DEFAULT_MODEL, DataError, best_of_n, chat_messages, degree_to_vector,
+                    directional_reward, read_jsonl, resolve_model, setup, write_jsonl)
+
+
+# ----------------------------------------------------------------------------- selection
+def reward_matrix(records, path):
+    """(N, K) rewards in ATTRIBUTES order; errors name the line and field."""
+    out = np.zeros((len(records), len(ATTRIBUTES)))
+    for i, r in enumerate(records):
+        rw = r.get("rewards")
+        if not isinstance(rw, dict):
+            raise DataError(f"{path}:{i + 1}: field 'rewards' missing or not an object: run score.py first")
+        for k, a in enumerate(ATTRIBUTES):
+            v = rw.get(a, 0.0)
+            if not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise DataError(f"{path}:{i + 1}: field 'rewards.{a}' must be a finite number, got {v!r}")
+            out[i, k] = v
+    return out
+
+
+def select_sft(records, rewards, select, target_degrees):
+    """RSF targets: [(prompt, degree, response, truncated)] = best-of-n per (prompt, direction)."""
+    groups = defaultdict(list)
+    for i, r in enumerate(records):
+        groups[r["prompt_id"] if select == "hindsight" else (r["prompt_id"], r["degree"])].append(i)
+    rows = []
+    for key, idx in groups.items():
+        degrees = target_degrees if select == "hindsight" else [records[idx[0]]["degree"]]
+        for deg in degrees:
+            best = idx[best_of_n(rewards[idx], degree_to_vector(deg))]
+            rows.append({"prompt": records[best]["prompt"], "degree": deg, "response": records[best]["response"],
+                         "truncated": records[best].get("truncated", False), "source_id": records[best]["id"]})
+    return rows
+
+
+def select_pairs(records, rewards, pairs, pair_degrees):
+    """Preference pairs [(prompt, degree, chosen, rejected, …)] from scored samples (see the module docstring)."""
+    groups = defaultdict(list)
+    for i, r in enumerate(records):
+        groups[r["prompt_id"] if pairs == "mirrored" else (r["prompt_id"], r["degree"])].append(i)
+    out = []
+
+    def pair(deg, c, r):
+        out.append({"prompt": records[c]["prompt"], "degree": deg, "chosen": records[c]["response"],
+                    "rejected": records[r]["response"], "chosen_truncated": records[c].get("truncated", False),
+                    "rejected_truncated": records[r].get("truncated", False)})
+    for key, idx in groups.items():
+        if pairs == "mirrored":
+            for a in pair_degrees:
+                up = idx[best_of_n(rewards[idx], degree_to_vector(a))]
+                down = idx[best_of_n(rewards[idx], degree_to_vector(-a))]
+                if up != down:  # the same answer wins both ways: nothing to contrast
+                    pair(a, up, down)
+                    pair(-a, down, up)
+        else:
+            deg = records[idx[0]]["degree"]
+            scores = directional_reward(rewards[idx], degree_to_vector(deg))
+            if scores.max() > scores.min():
+                pair(deg, idx[int(np.argmax(scores))], idx[int(np.argmin(scores))])
+    return out
+
+
+# ----------------------------------------------------------------------------- tokens and losses
+def encode(tok, prompt, degree, response, truncated, max_len):
+    """(input ids, number of prompt tokens): system(θ) + user prompt + response [+ end-of-turn if it ended].
+    The loss later covers positions ≥ the prompt length only (pad == eos here, so masking by pad id would also hide
+    the end-of-turn token and the model would never learn to stop)."""
+    text = tok.apply_chat_template(chat_messages(prompt, degree), tokenize=False, add_generation_prompt=True)
+    p_ids = tok(text, add_special_tokens=False)["input_ids"]
+    r_ids = tok(response, add_special_tokens=False)["input_ids"] + ([] if truncated else [tok.eos_token_id])
+    if len(p_ids) >= max_len:
+        raise DataError(f"prompt of {len(p_ids)} tokens does not fit --max-len {max_len}: {prompt[:60]!r}")
+    return (p_ids + r_ids)[:max_len], len(p_ids)
+
+
+def collate(seqs, pad_id):
+    """[(ids, n_prompt)] → input_ids, attention_mask, loss_mask (B, T): right padding; loss_mask marks response tokens."""
+    T = max(len(s) for s, _ in seqs)
+    ids = torch.full((len(seqs), T), pad_id)
+    attn = torch.zeros((len(seqs), T), dtype=torch.long)
+    lmask = torch.zeros((len(seqs), T), dtype=torch.bool)
+    for i, (s, n) in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        attn[i, :len(s)] = 1
+        lmask[i, n:len(s)] = True
+    return ids, attn, lmask
+
+
+def token_logps(model, ids, attn, lmask):
+    """log π(y_t | y_<t, x) for every response token, and the row it belongs to. → (N,), (N,)
+    The 49k-wide LM head runs only where a label exists: prompt and padding positions never make logits."""
+    h = model.model(input_ids=ids, attention_mask=attn).last_hidden_state  # (B, T, H)
+    tmask = lmask[:, 1:]  # (B, T-1) position t predicts token t+1
+    logits = model.lm_head(h[:, :-1][tmask]).float()  # (N, V)
+    logp = -F.cross_entropy(logits, ids[:, 1:][tmask], reduction="none")  # (N,)
+    rows = torch.arange(len(ids), device=ids.device).unsqueeze(1).expand_as(tmask)[tmask]
+    return logp, rows
+
+
+def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta):
+    """DPO (Rafailov et al. 2023, Eq. 7). All inputs (B,) summed response log-probs → losses (B,), margins (B,).
+    loss = −log σ(β[(π_c − ref_c) − (π_r − ref_r)]); margin = the term inside, before β."""
+    margin = (pi_chosen - ref_chosen) - (pi_rejected - ref_rejected)
+    return -F.logsigmoid(beta * margin), margin
+
+
+def get_lr(step, total, warmup, lr):
+    """Linear warmup, then cosine decay to 10% of lr."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Data
+    p.add_argument("--scored", required=True, help="scored samples JSONL (score.py output)")
+    p.add_argument("--loss", default="sft", choices=["sft", "dpo"])
+    p.add_argument("--select", default="sampled", choices=["sampled", "hindsight"], help="RSF targets (sft)")
+    p.add_argument("--target-degrees", default="-45,-15,15,45", help="directions for --select hindsight")
+    p.add_argument("--pairs", default="mirrored", choices=["mirrored", "best-worst"], help="DPO pairs")
+    p.add_argument("--pair-degrees", default="45", help="angles a for --pairs mirrored (pairs at ±a)")
+    p.add_argument("--max-len", type=int, default=320, help="tokens per row (system + prompt + response)")
+    # Model
+    p.add_argument("--init", default=DEFAULT_MODEL, help="policy to start from (and DPO reference)")
+    p.add_argument("--freeze-layers", type=int, default=0, help="freeze embeddings and the lowest N decoder layers")
+    # Optimization
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=8, help="rows (sft) or pairs (dpo) per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--beta", type=float, default=0.1, help="DPO β")
+    p.add_argument("--nll-coef", type=float, default=0.0, help="weight of the SFT loss on chosen responses (dpo)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--seed", type=int, default=0)
+    # Output
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps (0 = run all epochs)")
+    args = p.parse_args()
+
+    device, dtype, autocast = setup(args.seed, args.device, args.dtype)
+    records = read_jsonl(args.scored, required=("id", "prompt_id", "prompt", "degree", "response"))
+    rewards = reward_matrix(records, args.scored)
+    if args.loss == "sft":
+        rows = select_sft(records, rewards, args.select, [float(d) for d in args.target_degrees.split(",")])
+    else:
+        rows = select_pairs(records, rewards, args.pairs, [float(d) for d in args.pair_degrees.split(",")])
+    if not rows:
+        raise SystemExit(f"error: no training rows selected from {args.scored} (every candidate tied?)")
+
+    path = resolve_model(args.init)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)  # fp32 master weights
+    for m in [model.model.embed_tokens, *model.model.layers[:args.freeze_layers]]:
+        m.requires_grad_(False)
+    if args.loss == "sft":
+        data = [[encode(tok, r["prompt"], r["degree"], r["response"], r["truncated"], args.max_len)] for r in rows]
+    else:
+        data = [[encode(tok, r["prompt"], r["degree"], r["chosen"], r["chosen_truncated"], args.max_len),
+                 encode(tok, r["prompt"], r["degree"], r["rejected"], r["rejected_truncated"], args.max_len)]
+                for r in rows]
+
+    def forward(idx):
+        """Summed log-probs of every sequence of rows idx (chosen first, then rejected) and the token-level NLL."""
+        seqs = [data[i][0] for i in idx] + ([data[i][1] for i in idx] if args.loss == "dpo" else [])
+        ids, attn, lmask = (x.to(device) for x in collate(seqs, tok.pad_token_id))
+        with autocast():
+            logp, row = token_logps(model, ids, attn, lmask)
+        seq = torch.zeros(len(seqs), device=device).index_add_(0, row, logp)  # (S,)
+        chosen_tok = row < len(idx)
+        return seq, -logp[chosen_tok].mean()
+
+    ref = None
+    if args.loss == "dpo":  # reference log-probs once, before the policy moves (the reference is the start point)
+        model.eval()
+        ref = torch.zeros(len(data), 2)
+        with torch.no_grad():
+            for i in range(0, len(data), args.batch_size):
+                idx = list(range(i, min(i + args.batch_size, len(data))))
+                seq, _ = forward(idx)
+                ref[idx] = seq.view(2, -1).t().float().cpu()
+    model.train()
+
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    rng = random.Random(args.seed)
+    per_step = args.batch_size * args.grad_accum
+    total = max(1, int(args.epochs * math.ceil(len(data) / per_step)))
+    total = min(total, args.max_steps) if args.max_steps else total
+    order = []
+    print(f"finetune: {args.loss} on {len(data)} {'rows' if args.loss == 'sft' else 'pairs'} | {total} steps | "
+          f"{sum(q.numel() for q in params) / 1e6:.1f}M trainable | {device} {dtype}")
+    t0, log = time.time(), []
+    for step in range(total):
+        t1 = time.time()
+        lr = get_lr(step, total, args.warmup, args.lr)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        stats = defaultdict(float)
+        # ---------------- TRAINING STEP BEGIN
+        for _ in range(args.grad_accum):
+            if len(order) < args.batch_size:
+                order += rng.sample(range(len(data)), len(data))  # a fresh permutation per epoch
+            idx, order = order[:args.batch_size], order[args.batch_size:]
+            seq, nll = forward(idx)
+            if args.loss == "sft":
+                loss = nll
+            else:
+                pc, pr = seq.view(2, -1)
+                losses, margin = dpo_loss(pc, pr, ref[idx, 0].to(device), ref[idx, 1].to(device), args.beta)
+                loss = losses.mean() + args.nll_coef * nll
+                stats["margin"] += margin.mean().item() / args.grad_accum
+                stats["acc"] += (margin > 0).float().mean().item() / args.grad_accum
+            (loss / args.grad_accum).backward()
+            stats["loss"] += loss.item() / args.grad_accum
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        # ---------------- TRAINING STEP END
+        stats = dict(stats, step=step + 1, lr=lr, seconds=round(time.time() - t1, 2))
+        log.append(stats)
+        extra = f" | margin {stats['margin']:.2f} | acc {stats['acc']:.2f}" if args.loss == "dpo" else ""
+        print(f"step {step + 1}/{total} | loss {stats['loss']:.4f}{extra} | lr {lr:.1e} | {stats['seconds']:.1f}s",
+              flush=True)
+
+    os.makedirs(args.out, exist_ok=True)
+    model.save_pretrained(args.out)
+    tok.save_pretrained(args.out)
+    write_jsonl(os.path.join(args.out, "train_rows.jsonl"), rows)
+    with open(os.path.join(args.out, "meta.json"), "w") as f:
+        json.dump({"init": args.init, "loss": args.loss, "rows": len(rows), "steps": total,
+                   "seconds": round(time.time() - t0, 1), "args": vars(args), "log": log}, f, indent=1)
+    print(f"finetune: {args.loss} {total} steps on {len(rows)} {'rows' if args.loss == 'sft' else 'pairs'} in "
+          f"{time.time() - t0:.0f}s → {args.out} | final loss {log[-1]['loss']:.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# The whole DPA loop on the embedded SmolLM2-135M-Instruct, offline, on CPU:
+#   prepare → train_rm → ROUNDS × (sample → score → finetune) → evaluate every policy → steer example.
+# Hardware: 2 CPU cores, ~8 GB RAM; no GPU or network needed. Disk: ~0.6 GB per saved policy under runs/.
+# Time (2 cores): default ≈ 25-30 min; SMOKE=1 ≈ 2-3 min (tiny sizes: proves the plumbing, not the method).
+# Usage: bash run_all.sh            RECIPE=paper bash run_all.sh            SMOKE=1 bash run_all.sh
+set -euo pipefail
+cd "$(dirname "$0")"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+PY=${PY:-python}
+OUT=${OUT:-runs/demo}           # everything this run writes
+MODEL=${MODEL:-embedded:SmolLM2-135M-Instruct}   # starting policy and RM backbone
+SEED=${SEED:-0}
+ROUNDS=${ROUNDS:-1}             # DPA iterations t = 1..ROUNDS
+RECIPE=${RECIPE:-explore}       # explore: exploration hints + hindsight RSF + mirrored DPO; paper: plain RSF
+EVAL_DEGREES=-45,-30,-15,0,15,30,45
+if [[ "${SMOKE:-0}" == 1 ]]; then
+  OUT=${OUT%/demo}/smoke; N_TRAIN=6; N_EVAL=3; N_SAMPLES=1; MAX_NEW=24; RM_STEPS=3; SFT_STEPS=2; DPO_STEPS=2
+  EVAL_DEGREES=-45,0,45
+else
+  N_TRAIN=${N_TRAIN:-120}; N_EVAL=${N_EVAL:-32}; N_SAMPLES=${N_SAMPLES:-2}; MAX_NEW=${MAX_NEW:-192}
+  RM_STEPS=${RM_STEPS:-0}; SFT_STEPS=${SFT_STEPS:-0}; DPO_STEPS=${DPO_STEPS:-0}   # 0 = the epochs below
+fi
+mkdir -p "$OUT"
+t_start=$(date +%s)
+stamp() { echo "=== [$(( $(date +%s) - t_start ))s] $*"; }
+
+# --- 0. the embedded model → a cached HF folder (once)
+stamp prepare
+$PY prepare.py
+
+# --- 1. multi-objective reward model on the demo ratings (data/rm_train.jsonl, labelled by judge.py)
+stamp train_rm
+[[ -f "$OUT/rm/meta.json" ]] || $PY train_rm.py --data data/rm_train.jsonl --backbone "$MODEL" --out "$OUT/rm" \
+  --freeze-layers 20 --epochs 1 --batch-size 16 --max-steps "$RM_STEPS" --seed "$SEED"
+
+# evaluation of one policy: held-out prompts × every angle, scored by the RM and by the judge (ground truth)
+evaluate_policy() {  # $1 policy folder, $2 name
+  [[ -f "$OUT/eval-$2.jsonl" ]] && return
+  $PY sample.py --model "$1" --prompts data/prompts_heldout.jsonl --limit "$N_EVAL" --degrees "$EVAL_DEGREES" --n 1 \
+    --temperature 0.7 --max-new-tokens "$MAX_NEW" --seed 1234 --out "$OUT/eval-$2.samples.jsonl" --overwrite
+  $PY score.py --samples "$OUT/eval-$2.samples.jsonl" --rm "$OUT/rm" --judge --out "$OUT/eval-$2.jsonl" --overwrite
+}
+stamp "evaluate round 0 (base policy)"
+evaluate_policy "$MODEL" round0
+EVALS="round0=$OUT/eval-round0.jsonl"
+
+policy="$MODEL"
+for t in $(seq 1 "$ROUNDS"); do
+  R="$OUT/round$t"
+  mkdir -p "$R"
+  if [[ ! -f "$R/policy/meta.json" ]]; then
+    if [[ "$RECIPE" == paper ]]; then
+      # --- 2-4 the paper's loop: one θ per prompt, n samples under it, best-of-n by vᵀr, SFT
+      stamp "round $t: sample"
+      $PY sample.py --model "$policy" --prompts data/prompts_train.jsonl --limit "$N_TRAIN" --n $((N_SAMPLES * 2)) \
+        --max-new-tokens "$MAX_NEW" --seed $((SEED + t)) --out "$R/samples.jsonl" --overwrite
+      stamp "round $t: score"
+      $PY score.py --samples "$R/samples.jsonl" --rm "$OUT/rm" --out "$R/scored.jsonl" --overwrite
+      stamp "round $t: finetune (RSF)"
+      $PY finetune.py --scored "$R/scored.jsonl" --init "$policy" --loss sft --select sampled --epochs 2 \
+        --lr 3e-5 --max-steps "$SFT_STEPS" --seed "$SEED" --out "$R/policy"
+    else
+      # --- 2. exploration: per prompt one random θ, samples under the plain DPA prompt and with brief/detail hints
+      stamp "round $t: sample"
+      $PY sample.py --model "$policy" --prompts data/prompts_train.jsonl --limit "$N_TRAIN" --n "$N_SAMPLES" \
+        --hints plain,brief,detail --max-new-tokens "$MAX_NEW" --seed $((SEED + t)) --out "$R/samples.jsonl" --overwrite
+      # --- 3. multi-objective rewards of every sample
+      stamp "round $t: score"
+      $PY score.py --samples "$R/samples.jsonl" --rm "$OUT/rm" --out "$R/scored.jsonl" --overwrite
+      # --- 4a. RSF with hindsight: best response per prompt for θ ∈ {-45,-15,15,45}, SFT under the plain DPA prompt
+      stamp "round $t: finetune (hindsight RSF)"
+      [[ -f "$R/sft/meta.json" ]] || $PY finetune.py --scored "$R/scored.jsonl" --init "$policy" --loss sft \
+        --select hindsight --target-degrees -45,-15,15,45 --epochs 1.5 --lr 5e-5 --max-steps "$SFT_STEPS" \
+        --seed "$SEED" --out "$R/sft"
+      # --- 4b. mirrored directional DPO at ±45°, with an NLL term on the chosen answers
+      stamp "round $t: finetune (mirrored DPO)"
+      $PY finetune.py --scored "$R/scored.jsonl" --init "$R/sft" --loss dpo --pairs mirrored --pair-degrees 45 \
+        --beta 0.1 --nll-coef 1.0 --epochs 1 --lr 5e-6 --max-steps "$DPO_STEPS" --seed "$SEED" --out "$R/policy"
+    fi
+  fi
+  policy="$R/policy"
+  stamp "evaluate round $t"
+  evaluate_policy "$policy" "round$t"
+  EVALS="$EVALS round$t=$OUT/eval-round$t.jsonl"
+done
+
+# --- 5. the per-angle table for every round, Spearman(θ, verbosity), and the Pareto-front PNG
+stamp evaluate
+$PY evaluate.py $EVALS --out "$OUT/eval"
+
+# --- 6. steering the final policy: the same question at both ends of the range
+stamp steer
+for deg in -45 45; do
+  $PY steer.py --model "$policy" --degree "$deg" --max-new-tokens "$MAX_NEW" "What should I pack for a weekend camping trip?"
+done
+stamp "done: results in $OUT (eval.csv, eval.png)"

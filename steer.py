@@ -1,0 +1,86 @@
+"""Stage 5 of DPA: answer with a chosen trade-off between helpfulness and verbosity.
+
+The user picks a direction — an angle θ (--degree -15) or weights (--weights 80 -60, normalised to a unit vector) —
+and the policy answers under the DPA system prompt "... maximize weighted rating = helpfulness*97 +
+verbosity*-26". Works with any checkpoint of finetune.py, the base model, or the released DPA-v1 model (same
+template). --best-of-n N with --rm adds inference-time steering that needs no training: draw N answers and return
+the one with the largest vᵀr under the reward model.
+
+    python steer.py --model runs/demo/policy-1 --degree -15 "How do I boil an egg?"
+    echo "How do I boil an egg?" | python steer.py --weights 71 71
+"""
+import argparse
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from common import (DEFAULT_MODEL, best_of_n, chat_messages, degree_to_vector, directional_reward, resolve_model,
+                    reward_forward, rm_text, setup, system_prompt, vector_to_degree, weights_to_vector)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Data
+    p.add_argument("prompts", nargs="*", help="prompts to answer (default: --file, else one per line on stdin)")
+    p.add_argument("--file", help="a text file with one prompt per line")
+    direction = p.add_mutually_exclusive_group()
+    direction.add_argument("--degree", type=float, default=0.0, help="θ in degrees: v = (cos θ, sin θ)")
+    direction.add_argument("--weights", type=float, nargs=2, metavar=("HELP", "VERB"), help="any non-zero weights")
+    # Model
+    p.add_argument("--model", default=DEFAULT_MODEL, help="policy: checkpoint folder, embedded default or hub id")
+    p.add_argument("--rm", help="reward model for --best-of-n reranking")
+    p.add_argument("--best-of-n", type=int, default=1, help="sample N answers, keep the best by vᵀr (needs --rm)")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    # Output
+    p.add_argument("--verbose", action="store_true", help="print the rendered system prompt and all candidates")
+    args = p.parse_args()
+
+    v = weights_to_vector(*args.weights) if args.weights else degree_to_vector(args.degree)
+    degree = vector_to_degree(v)
+    if args.best_of_n > 1 and not args.rm:
+        raise SystemExit("error: --best-of-n needs --rm (the reward model that ranks the candidates)")
+    prompts = args.prompts or [l.strip() for l in (open(args.file) if args.file else sys.stdin) if l.strip()]
+    if not prompts:
+        raise SystemExit("error: no prompt given (positional, --file or stdin)")
+    device, dtype, _ = setup(args.seed, args.device)
+    path = resolve_model(args.model)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    if args.rm:
+        rm_path = resolve_model(args.rm)
+        rm_tok = AutoTokenizer.from_pretrained(rm_path)
+        rm_tok.padding_side = "right"
+        rm = AutoModelForSequenceClassification.from_pretrained(rm_path, dtype=dtype).to(device).eval()
+        names = [rm.config.id2label[k] for k in range(rm.config.num_labels)]
+    if args.verbose:
+        print(f"[system] {system_prompt(degree)}\n")
+
+    for prompt in prompts:
+        text = tok.apply_chat_template(chat_messages(prompt, degree), tokenize=False, add_generation_prompt=True)
+        enc = tok([text] * args.best_of_n, return_tensors="pt", add_special_tokens=False).to(device)
+        with torch.no_grad():
+            out = model.generate(**enc, do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
+                                 max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id)
+        answers = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        answers = [a.strip() for a in answers]
+        best = 0
+        if args.rm:
+            b = rm_tok([rm_text(rm_tok, prompt, a) for a in answers], return_tensors="pt", padding=True,
+                       add_special_tokens=False).to(device)
+            with torch.no_grad():
+                r = reward_forward(rm, b["input_ids"], b["attention_mask"]).cpu().numpy()  # (N, K)
+            best = best_of_n(r, v, names)
+            if args.verbose:
+                for k, a in enumerate(answers):
+                    print(f"[candidate {k}] vᵀr = {directional_reward(r[k], v, names):.1f}: {a[:80]!r}")
+        print(f"[user] {prompt}\n[assistant θ={degree:g}°] {answers[best]}\n")
+
+
+if __name__ == "__main__":
+    main()

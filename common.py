@@ -37,9 +37,10 @@ CACHE_DIR = os.environ.get("DPA_CACHE", os.path.join(os.path.dirname(os.path.abs
 # ----------------------------------------------------------------------------- directions
 def degree_to_vector(degree):
     """θ in degrees → unit vector v = (cos θ, sin θ) over (helpfulness, verbosity)."""
-    if not (isinstance(degree, (int, float)) and math.isfinite(degree) and -90 <= degree <= 90):
+    if isinstance(degree, bool) or not (isinstance(degree, (int, float, np.number)) and math.isfinite(degree)
+                                        and -90 <= degree <= 90):
         raise ValueError(f"degree must be a finite number in [-90, 90], got {degree!r}")
-    rad = math.radians(degree)
+    rad = math.radians(float(degree))
     return (math.cos(rad), math.sin(rad))
 
 
@@ -95,13 +96,14 @@ class DataError(ValueError):
     """Bad input: the message names the file, the line and the field."""
 
 
-def read_jsonl(path, required=()):
-    """Read a JSONL file into a list of dicts; check that each record has the `required` fields."""
+def read_jsonl(path, required=(), with_lines=False):
+    """Read a JSONL file into a list of dicts; check that each record has the `required` fields.
+    with_lines=True returns (line numbers, records), so later checks can name the line (blank lines are skipped)."""
     if os.path.isdir(path):
         raise DataError(f"{path}: is a directory, expected a JSONL file")
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file")
-    records = []
+    records, lines = [], []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
@@ -120,19 +122,25 @@ def read_jsonl(path, required=()):
                 if field not in rec:
                     raise DataError(f"{path}:{lineno}: missing field '{field}'")
             records.append(rec)
-    return records
+            lines.append(lineno)
+    return (lines, records) if with_lines else records
 
 
 def write_jsonl(path, records):
     """Write records atomically: a temp file in the same folder, then os.replace."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False, allow_nan=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for rec in records:
+                f.write(json.dumps(rec, ensure_ascii=False, allow_nan=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def check_output(path, overwrite, inputs=()):
@@ -161,7 +169,7 @@ def resolve_model(name):
         return name
     if name.startswith((".", "/")) or name.count("/") != 1:
         raise SystemExit(f"error: model {name!r} is neither a local folder nor a hub id (owner/name)")
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise SystemExit(f"error: {name!r} is a hub id but HF_HUB_OFFLINE=1: download it on a connected machine "
                          f"(huggingface-cli download {name}) and pass the local folder instead")
     return name

@@ -13,6 +13,7 @@ rewards"). This script turns scored evaluation samples (sample.py --degrees ... 
 import argparse
 import csv
 import math
+import os
 from collections import defaultdict
 
 import numpy as np
@@ -100,18 +101,18 @@ def main():
     args = p.parse_args()
     rows, summaries = [], []
     for spec in args.scored:
-        name, _, path = spec.rpartition("=")
+        name, _, path = spec.partition("=") if "=" in spec and not os.path.exists(spec) else ("", "", spec)
         rs = table(name or path, read_jsonl(path, required=("degree", "response", "n_tokens", "truncated", "rewards")))
         rows += rs
         summaries.append(summary(rs))
     write_jsonl(args.out + ".jsonl", rows)
     with open(args.out + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
         w.writeheader()
         w.writerows(rows)
     plot(rows, args.out + ".png")
 
-    has_judge = "judge_help" in rows[0]
+    has_judge = all("judge_help" in r for r in rows)
     print(f"{'policy':10s} {'θ':>5s} {'help':>11s} {'verb':>11s}" + (f" {'judge h':>8s} {'judge v':>8s}" if has_judge else "")
           + f" {'tokens':>7s} {'words':>6s} {'trunc':>6s}")
     for r in rows:
@@ -121,7 +122,7 @@ def main():
     for s in summaries:
         print(f"evaluate: {s['policy']:10s} | spearman(θ, verbosity) {s['spearman_verb']:+.2f} | "
               f"spearman(θ, length) {s['spearman_len']:+.2f} | length ratio max/min θ {s['len_ratio']:.2f}")
-    write_jsonl(args.out + "_summary.jsonl", summaries)
+    write_jsonl(args.out + "_summary.jsonl", [{k: (None if v != v else v) for k, v in s.items()} for s in summaries])
 
 
 if __name__ == "__main__":

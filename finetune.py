@@ -36,17 +36,18 @@ from common import (ATTRIBUTES, DEFAULT_MODEL, DataError, best_of_n, chat_messag
 
 
 # ----------------------------------------------------------------------------- selection
-def reward_matrix(records, path):
+def reward_matrix(records, path, lines=None):
     """(N, K) rewards in ATTRIBUTES order; errors name the line and field."""
     out = np.zeros((len(records), len(ATTRIBUTES)))
-    for i, r in enumerate(records):
+    lines = lines or range(1, len(records) + 1)
+    for i, (line, r) in enumerate(zip(lines, records)):
         rw = r.get("rewards")
         if not isinstance(rw, dict):
-            raise DataError(f"{path}:{i + 1}: field 'rewards' missing or not an object: run score.py first")
+            raise DataError(f"{path}:{line}: field 'rewards' missing or not an object: run score.py first")
         for k, a in enumerate(ATTRIBUTES):
             v = rw.get(a, 0.0)
             if not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise DataError(f"{path}:{i + 1}: field 'rewards.{a}' must be a finite number, got {v!r}")
+                raise DataError(f"{path}:{line}: field 'rewards.{a}' must be a finite number, got {v!r}")
             out[i, k] = v
     return out
 
@@ -175,8 +176,9 @@ def main():
     args = p.parse_args()
 
     device, dtype, autocast = setup(args.seed, args.device, args.dtype)
-    records = read_jsonl(args.scored, required=("id", "prompt_id", "prompt", "degree", "response"))
-    rewards = reward_matrix(records, args.scored)
+    lines, records = read_jsonl(args.scored, required=("id", "prompt_id", "prompt", "degree", "response"),
+                                with_lines=True)
+    rewards = reward_matrix(records, args.scored, lines)
     if args.loss == "sft":
         rows = select_sft(records, rewards, args.select, [float(d) for d in args.target_degrees.split(",")])
     else:

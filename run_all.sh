@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-PY=${PY:-python}
+PY=${PY:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python)}
 OUT=${OUT:-runs/demo}           # everything this run writes
 MODEL=${MODEL:-embedded:SmolLM2-135M-Instruct}   # starting policy and RM backbone
 SEED=${SEED:-0}

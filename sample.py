@@ -93,8 +93,8 @@ def main():
     degrees = [float(d) for d in args.degrees.split(",")] if args.degrees else []
     for d in degrees + list(args.degree_range):
         degree_to_vector(d)  # raises on angles outside [-90, 90]
-    prompts = read_jsonl(args.prompts, required=("id", "prompt"))
-    for i, rec in enumerate(prompts, 1):
+    lines, prompts = read_jsonl(args.prompts, required=("id", "prompt"), with_lines=True)
+    for i, rec in zip(lines, prompts):
         if not isinstance(rec["prompt"], str) or not rec["prompt"].strip():
             raise DataError(f"{args.prompts}:{i}: field 'prompt' must be a non-empty string")
     if len({r["id"] for r in prompts}) != len(prompts):

@@ -18,7 +18,8 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, DataError, check_output, read_jsonl, resolve_model, reward_forward, rm_text, setup, write_jsonl
+from common import (ATTRIBUTES, HELPFULNESS, VERBOSITY, DataError, check_output, read_jsonl, resolve_model,
+                    reward_forward, rm_text, setup, write_jsonl)
 
 
 @torch.no_grad()
@@ -55,8 +56,8 @@ def main():
 
     device, dtype, _ = setup(0, args.device, args.dtype)
     check_output(args.out, args.overwrite, [args.samples])
-    records = read_jsonl(args.samples, required=("prompt", "response"))
-    for i, r in enumerate(records, 1):
+    lines, records = read_jsonl(args.samples, required=("prompt", "response"), with_lines=True)
+    for i, r in zip(lines, records):
         for field in ("prompt", "response"):
             if not isinstance(r[field], str):
                 raise DataError(f"{args.samples}:{i}: field '{field}' must be a string")

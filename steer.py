@@ -10,6 +10,8 @@ the one with the largest vᵀr under the reward model.
     echo "How do I boil an egg?" | python steer.py --weights 71 71
 """
 import argparse
+import json
+import os
 import sys
 
 import torch
@@ -40,8 +42,12 @@ def main():
     p.add_argument("--verbose", action="store_true", help="print the rendered system prompt and all candidates")
     args = p.parse_args()
 
-    v = weights_to_vector(*args.weights) if args.weights else degree_to_vector(args.degree)
-    degree = vector_to_degree(v)
+    try:
+        v = weights_to_vector(*args.weights) if args.weights else degree_to_vector(args.degree)
+        degree = vector_to_degree(v)
+        degree_to_vector(degree)  # the DPA prompt covers helpfulness weights ≥ 0: θ in [-90°, 90°]
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     if args.best_of_n > 1 and not args.rm:
         raise SystemExit("error: --best-of-n needs --rm (the reward model that ranks the candidates)")
     prompts = args.prompts or [l.strip() for l in (open(args.file) if args.file else sys.stdin) if l.strip()]
@@ -58,6 +64,8 @@ def main():
         rm_tok.padding_side = "right"
         rm = AutoModelForSequenceClassification.from_pretrained(rm_path, dtype=dtype).to(device).eval()
         names = [rm.config.id2label[k] for k in range(rm.config.num_labels)]
+        meta_path = os.path.join(rm_path, "meta.json")
+        template = json.load(open(meta_path)).get("template", "chat") if os.path.exists(meta_path) else "chat"
     if args.verbose:
         print(f"[system] {system_prompt(degree)}\n")
 
@@ -71,7 +79,7 @@ def main():
         answers = [a.strip() for a in answers]
         best = 0
         if args.rm:
-            b = rm_tok([rm_text(rm_tok, prompt, a) for a in answers], return_tensors="pt", padding=True,
+            b = rm_tok([rm_text(rm_tok, prompt, a, template) for a in answers], return_tensors="pt", padding=True,
                        add_special_tokens=False).to(device)
             with torch.no_grad():
                 r = reward_forward(rm, b["input_ids"], b["attention_mask"]).cpu().numpy()  # (N, K)

@@ -11,6 +11,7 @@ writes an AutoModelForSequenceClassification folder + meta.json + eval.json (hel
     python train_rm.py --data data/rm_train.jsonl --out runs/demo/rm
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -49,7 +50,7 @@ def get_lr(step, total, warmup, lr):
 def load_rows(path, attributes):
     """→ list of (text fields, target (K,), mask (K,)); errors name file, line and field."""
     rows = []
-    for i, rec in enumerate(read_jsonl(path, required=("prompt", "response", "labels")), 1):
+    for i, rec in zip(*read_jsonl(path, required=("prompt", "response", "labels"), with_lines=True)):
         if not isinstance(rec["labels"], dict):
             raise DataError(f"{path}:{i}: field 'labels' must be an object of attribute → 0-100 or null")
         unknown = set(rec["labels"]) - set(attributes)
@@ -87,12 +88,13 @@ def evaluate(model, rows, tok, args, device, autocast):
             preds.append(reward_forward(model, enc["input_ids"].to(device), enc["attention_mask"].to(device)).cpu())
         targets.append(t), masks.append(m)
     model.train()
-    p, t, m = (torch.cat(x).numpy() * s for x, s in ((preds, 100), (targets, 100), (masks, 1)))
+    p, t, m = torch.cat(preds).numpy(), torch.cat(targets).numpy() * 100, torch.cat(masks).numpy()  # 0-100 scale
     out = {}
     for k, a in enumerate(args.attributes):
         sel = m[:, k] > 0
         if sel.sum():
-            out[a] = {"mse": float(((p[sel, k] - t[sel, k]) ** 2).mean()), "pearson": pearson(p[sel, k], t[sel, k]),
+            r = pearson(p[sel, k], t[sel, k])
+            out[a] = {"mse": float(((p[sel, k] - t[sel, k]) ** 2).mean()), "pearson": None if r != r else r,
                       "n": int(sel.sum())}
     return out
 
@@ -130,6 +132,8 @@ def main():
     val_groups = set(rng.sample(groups, max(1, int(args.val_frac * len(groups))))) if args.val_frac > 0 else set()
     train = [r for r in rows if r[4] not in val_groups]
     val = [r for r in rows if r[4] in val_groups]
+    if not train:
+        raise SystemExit(f"error: no training rows left in {args.data} after holding out {len(val)} for evaluation")
 
     path = resolve_model(args.backbone)
     tok = AutoTokenizer.from_pretrained(path)
@@ -159,7 +163,7 @@ def main():
           f"trainable | {device} {dtype}")
 
     step, t0 = 0, time.time()
-    stream = (b for _ in range(math.ceil(args.epochs) + 1)
+    stream = (b for _ in itertools.count()  # epochs end where `total` says; the stream never runs dry
               for b in batches(train, tok, args.batch_size, args.max_len, args.template, True, rng))
     while step < total:
         t1 = time.time()
@@ -184,7 +188,8 @@ def main():
         model.score.weight.mul_(100.0)  # predictions on the 0-100 scale
     metrics = evaluate(model, val, tok, args, device, autocast) if val else {}
     for a, m in metrics.items():
-        print(f"  {a:38s} mse {m['mse']:7.1f}  pearson {m['pearson']:.3f}  (n={m['n']})")
+        print(f"  {a:38s} mse {m['mse']:7.1f}  pearson {m['pearson'] if m['pearson'] is not None else float('nan'):.3f}"
+              f"  (n={m['n']})")
     os.makedirs(args.out, exist_ok=True)
     model.save_pretrained(args.out)
     tok.save_pretrained(args.out)
@@ -195,7 +200,8 @@ def main():
         json.dump(meta, f, indent=1)
     with open(os.path.join(args.out, "eval.json"), "w") as f:
         json.dump(metrics, f, indent=1)
-    hv = [metrics.get(a, {}).get("pearson", float("nan")) for a in (HELPFULNESS, VERBOSITY)]
+    hv = [metrics.get(a, {}).get("pearson") for a in (HELPFULNESS, VERBOSITY)]
+    hv = [float("nan") if x is None else x for x in hv]
     print(f"train_rm: {total} steps in {time.time() - t0:.0f}s → {args.out} | held-out pearson helpfulness {hv[0]:.3f} "
           f"verbosity {hv[1]:.3f}")
 

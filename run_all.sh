@@ -18,7 +18,7 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
   OUT=${OUT%/demo}/smoke; N_TRAIN=6; N_EVAL=3; N_SAMPLES=1; MAX_NEW=24; RM_STEPS=3; SFT_STEPS=2; DPO_STEPS=2
   EVAL_DEGREES=-45,0,45
 else
-  N_TRAIN=${N_TRAIN:-120}; N_EVAL=${N_EVAL:-32}; N_SAMPLES=${N_SAMPLES:-2}; MAX_NEW=${MAX_NEW:-192}
+  N_TRAIN=${N_TRAIN:-100}; N_EVAL=${N_EVAL:-32}; N_SAMPLES=${N_SAMPLES:-2}; MAX_NEW=${MAX_NEW:-192}
   RM_STEPS=${RM_STEPS:-0}; SFT_STEPS=${SFT_STEPS:-0}; DPO_STEPS=${DPO_STEPS:-0}   # 0 = the epochs below
 fi
 mkdir -p "$OUT"
@@ -32,12 +32,12 @@ $PY prepare.py
 # --- 1. multi-objective reward model on the demo ratings (data/rm_train.jsonl, labelled by judge.py)
 stamp train_rm
 [[ -f "$OUT/rm/meta.json" ]] || $PY train_rm.py --data data/rm_train.jsonl --backbone "$MODEL" --out "$OUT/rm" \
-  --freeze-layers 20 --epochs 1 --batch-size 16 --max-steps "$RM_STEPS" --seed "$SEED"
+  --freeze-layers 16 --lr 1e-4 --epochs 1 --batch-size 16 --max-steps "$RM_STEPS" --seed "$SEED"
 
 # evaluation of one policy: held-out prompts × every angle, scored by the RM and by the judge (ground truth)
 evaluate_policy() {  # $1 policy folder, $2 name
   [[ -f "$OUT/eval-$2.jsonl" ]] && return
-  $PY sample.py --model "$1" --prompts data/prompts_heldout.jsonl --limit "$N_EVAL" --degrees "$EVAL_DEGREES" --n 1 \
+  $PY sample.py --model "$1" --prompts data/prompts_heldout.jsonl --limit "$N_EVAL" --degrees="$EVAL_DEGREES" --n 1 \
     --temperature 0.7 --max-new-tokens "$MAX_NEW" --seed 1234 --out "$OUT/eval-$2.samples.jsonl" --overwrite
   $PY score.py --samples "$OUT/eval-$2.samples.jsonl" --rm "$OUT/rm" --judge --out "$OUT/eval-$2.jsonl" --overwrite
 }
@@ -71,7 +71,7 @@ for t in $(seq 1 "$ROUNDS"); do
       # --- 4a. RSF with hindsight: best response per prompt for θ ∈ {-45,-15,15,45}, SFT under the plain DPA prompt
       stamp "round $t: finetune (hindsight RSF)"
       [[ -f "$R/sft/meta.json" ]] || $PY finetune.py --scored "$R/scored.jsonl" --init "$policy" --loss sft \
-        --select hindsight --target-degrees -45,-15,15,45 --epochs 1.5 --lr 5e-5 --max-steps "$SFT_STEPS" \
+        --select hindsight --target-degrees=-45,-15,15,45 --epochs 1.5 --lr 5e-5 --max-steps "$SFT_STEPS" \
         --seed "$SEED" --out "$R/sft"
       # --- 4b. mirrored directional DPO at ±45°, with an NLL term on the chosen answers
       stamp "round $t: finetune (mirrored DPO)"

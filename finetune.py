@@ -63,7 +63,8 @@ def select_sft(records, rewards, select, target_degrees):
         for deg in degrees:
             best = idx[best_of_n(rewards[idx], degree_to_vector(deg))]
             rows.append({"prompt": records[best]["prompt"], "degree": deg, "response": records[best]["response"],
-                         "truncated": records[best].get("truncated", False), "source_id": records[best]["id"]})
+                         "truncated": records[best].get("truncated", False), "source_id": records[best]["id"],
+                         "group": str(key)})
     return rows
 
 
@@ -74,8 +75,8 @@ def select_pairs(records, rewards, pairs, pair_degrees):
         groups[r["prompt_id"] if pairs == "mirrored" else (r["prompt_id"], r["degree"])].append(i)
     out = []
 
-    def pair(deg, c, r):
-        out.append({"prompt": records[c]["prompt"], "degree": deg, "chosen": records[c]["response"],
+    def pair(deg, c, r, group):
+        out.append({"prompt": records[c]["prompt"], "degree": deg, "group": group, "chosen": records[c]["response"],
                     "rejected": records[r]["response"], "chosen_truncated": records[c].get("truncated", False),
                     "rejected_truncated": records[r].get("truncated", False)})
     for key, idx in groups.items():
@@ -84,13 +85,13 @@ def select_pairs(records, rewards, pairs, pair_degrees):
                 up = idx[best_of_n(rewards[idx], degree_to_vector(a))]
                 down = idx[best_of_n(rewards[idx], degree_to_vector(-a))]
                 if up != down:  # the same answer wins both ways: nothing to contrast
-                    pair(a, up, down)
-                    pair(-a, down, up)
+                    pair(a, up, down, f"{key}/{a:g}")
+                    pair(-a, down, up, f"{key}/{a:g}")
         else:
             deg = records[idx[0]]["degree"]
             scores = directional_reward(rewards[idx], degree_to_vector(deg))
             if scores.max() > scores.min():
-                pair(deg, idx[int(np.argmax(scores))], idx[int(np.argmin(scores))])
+                pair(deg, idx[int(np.argmax(scores))], idx[int(np.argmin(scores))], str(key))
     return out
 
 
@@ -138,6 +139,22 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta):
     return -F.logsigmoid(beta * margin), margin
 
 
+def plan_batches(groups, batch_size, n_batches, rng):
+    """Micro-batches of row indices, epoch after epoch. Rows of one group (the angles of one prompt; the two mirrored
+    pairs of one prompt) stay next to each other, so they usually share a micro-batch: the part of their gradients that
+    does not depend on the direction (e.g. "longer is likelier") cancels inside one step instead of across steps."""
+    members = defaultdict(list)
+    for i, g in enumerate(groups):
+        members[g].append(i)
+    keys, order, out = list(members), [], []
+    while len(out) < n_batches:
+        if len(order) < batch_size:
+            order += [i for k in rng.sample(keys, len(keys)) for i in members[k]]  # a fresh permutation per epoch
+        out.append(order[:batch_size])
+        order = order[batch_size:]
+    return out
+
+
 def get_lr(step, total, warmup, lr):
     """Linear warmup, then cosine decay to 10% of lr."""
     if step < warmup:
@@ -158,7 +175,8 @@ def main():
     p.add_argument("--max-len", type=int, default=320, help="tokens per row (system + prompt + response)")
     # Model
     p.add_argument("--init", default=DEFAULT_MODEL, help="policy to start from (and DPO reference)")
-    p.add_argument("--freeze-layers", type=int, default=0, help="freeze embeddings and the lowest N decoder layers")
+    p.add_argument("--freeze-layers", type=int, default=0,
+                   help="freeze the lowest N decoder layers (the embeddings, tied to the LM head, always stay frozen)")
     # Optimization
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=8, help="rows (sft) or pairs (dpo) per micro-batch")
@@ -208,24 +226,20 @@ def main():
         chosen_tok = row < len(idx)
         return seq, -logp[chosen_tok].mean()
 
-    ref = None
-    if args.loss == "dpo":  # reference log-probs once, before the policy moves (the reference is the start point)
-        model.eval()
-        ref = torch.zeros(len(data), 2)
-        with torch.no_grad():
-            for i in range(0, len(data), args.batch_size):
-                idx = list(range(i, min(i + args.batch_size, len(data))))
-                seq, _ = forward(idx)
-                ref[idx] = seq.view(2, -1).t().float().cpu()
-    model.train()
-
-    params = [q for q in model.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     rng = random.Random(args.seed)
     per_step = args.batch_size * args.grad_accum
     total = max(1, int(args.epochs * math.ceil(len(data) / per_step)))
     total = min(total, args.max_steps) if args.max_steps else total
-    order = []
+    plan = plan_batches([r["group"] for r in rows], args.batch_size, total * args.grad_accum, rng)
+    ref = []
+    if args.loss == "dpo":  # reference log-probs before the policy moves (the reference is the start point), computed
+        model.eval()        # on the very micro-batches training will use, so padding and kernels match: margin 0 at step 1
+        with torch.no_grad():
+            ref = [forward(idx)[0].view(2, -1).float() for idx in plan]  # each (2, B): chosen, rejected
+    model.train()
+
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     print(f"finetune: {args.loss} on {len(data)} {'rows' if args.loss == 'sft' else 'pairs'} | {total} steps | "
           f"{sum(q.numel() for q in params) / 1e6:.1f}M trainable | {device} {dtype}")
     t0, log = time.time(), []
@@ -236,16 +250,13 @@ def main():
             g["lr"] = lr
         stats = defaultdict(float)
         # ---------------- TRAINING STEP BEGIN
-        for _ in range(args.grad_accum):
-            if len(order) < args.batch_size:
-                order += rng.sample(range(len(data)), len(data))  # a fresh permutation per epoch
-            idx, order = order[:args.batch_size], order[args.batch_size:]
-            seq, nll = forward(idx)
+        for micro in range(step * args.grad_accum, (step + 1) * args.grad_accum):
+            seq, nll = forward(plan[micro])
             if args.loss == "sft":
                 loss = nll
             else:
                 pc, pr = seq.view(2, -1)
-                losses, margin = dpo_loss(pc, pr, ref[idx, 0].to(device), ref[idx, 1].to(device), args.beta)
+                losses, margin = dpo_loss(pc, pr, ref[micro][0], ref[micro][1], args.beta)
                 loss = losses.mean() + args.nll_coef * nll
                 stats["margin"] += margin.mean().item() / args.grad_accum
                 stats["acc"] += (margin > 0).float().mean().item() / args.grad_accum

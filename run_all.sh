@@ -18,7 +18,7 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
   OUT=${OUT%/demo}/smoke; N_TRAIN=6; N_EVAL=3; N_SAMPLES=1; MAX_NEW=24; RM_STEPS=3; SFT_STEPS=2; DPO_STEPS=2
   EVAL_DEGREES=-45,0,45
 else
-  N_TRAIN=${N_TRAIN:-100}; N_EVAL=${N_EVAL:-32}; N_SAMPLES=${N_SAMPLES:-2}; MAX_NEW=${MAX_NEW:-192}
+  N_TRAIN=${N_TRAIN:-100}; N_EVAL=${N_EVAL:-32}; N_SAMPLES=${N_SAMPLES:-2}; MAX_NEW=${MAX_NEW:-160}
   RM_STEPS=${RM_STEPS:-0}; SFT_STEPS=${SFT_STEPS:-0}; DPO_STEPS=${DPO_STEPS:-0}   # 0 = the epochs below
 fi
 mkdir -p "$OUT"
@@ -38,7 +38,7 @@ stamp train_rm
 evaluate_policy() {  # $1 policy folder, $2 name
   [[ -f "$OUT/eval-$2.jsonl" ]] && return
   $PY sample.py --model "$1" --prompts data/prompts_heldout.jsonl --limit "$N_EVAL" --degrees="$EVAL_DEGREES" --n 1 \
-    --temperature 0.7 --max-new-tokens "$MAX_NEW" --seed 1234 --out "$OUT/eval-$2.samples.jsonl" --overwrite
+    --temperature 0.7 --max-new-tokens "$MAX_NEW" --batch-size 112 --seed 1234 --out "$OUT/eval-$2.samples.jsonl" --overwrite
   $PY score.py --samples "$OUT/eval-$2.samples.jsonl" --rm "$OUT/rm" --judge --out "$OUT/eval-$2.jsonl" --overwrite
 }
 stamp "evaluate round 0 (base policy)"
@@ -64,7 +64,8 @@ for t in $(seq 1 "$ROUNDS"); do
       # --- 2. exploration: per prompt one random θ, samples under the plain DPA prompt and with brief/detail hints
       stamp "round $t: sample"
       $PY sample.py --model "$policy" --prompts data/prompts_train.jsonl --limit "$N_TRAIN" --n "$N_SAMPLES" \
-        --hints plain,brief,detail --max-new-tokens "$MAX_NEW" --seed $((SEED + t)) --out "$R/samples.jsonl" --overwrite
+        --hints plain,brief,detail --max-new-tokens "$MAX_NEW" --batch-size 100 --seed $((SEED + t)) \
+        --out "$R/samples.jsonl" --overwrite
       # --- 3. multi-objective rewards of every sample
       stamp "round $t: score"
       $PY score.py --samples "$R/samples.jsonl" --rm "$OUT/rm" --out "$R/scored.jsonl" --overwrite
@@ -73,10 +74,11 @@ for t in $(seq 1 "$ROUNDS"); do
       [[ -f "$R/sft/meta.json" ]] || $PY finetune.py --scored "$R/scored.jsonl" --init "$policy" --loss sft \
         --select hindsight --target-degrees=-45,-15,15,45 --epochs 1.5 --lr 5e-5 --max-steps "$SFT_STEPS" \
         --seed "$SEED" --out "$R/sft"
-      # --- 4b. mirrored directional DPO at ±45°, with an NLL term on the chosen answers
+      # --- 4b. mirrored directional DPO at ±45° (both pairs of a prompt in one batch), NLL term on the chosen answers
       stamp "round $t: finetune (mirrored DPO)"
       $PY finetune.py --scored "$R/scored.jsonl" --init "$R/sft" --loss dpo --pairs mirrored --pair-degrees 45 \
-        --beta 0.1 --nll-coef 1.0 --epochs 1 --lr 5e-6 --max-steps "$DPO_STEPS" --seed "$SEED" --out "$R/policy"
+        --batch-size 4 --beta 0.1 --nll-coef 1.0 --epochs 1 --lr 5e-6 --max-steps "$DPO_STEPS" --seed "$SEED" \
+        --out "$R/policy"
     fi
   fi
   policy="$R/policy"

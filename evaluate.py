@@ -18,7 +18,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from common import HELPFULNESS, VERBOSITY, read_jsonl, write_jsonl
+from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, best_of_n, degree_to_vector, read_jsonl, write_jsonl
 
 
 def mean_se(xs):
@@ -63,6 +63,20 @@ def table(policy, records):
     return rows
 
 
+def rerank(records, degrees):
+    """Inference-time DPA with no training: for each prompt and θ keep the best of its candidates by vᵀr (the
+    RM-scored samples of one prompt, drawn under any direction or hint), relabelled with θ. → records for table()."""
+    by_prompt = defaultdict(list)
+    for r in records:
+        by_prompt[r["prompt_id"]].append(r)
+    out = []
+    for rs in by_prompt.values():
+        rewards = np.array([[r["rewards"][a] for a in ATTRIBUTES] for r in rs])
+        for deg in degrees:
+            out.append(dict(rs[best_of_n(rewards, degree_to_vector(deg))], degree=deg))
+    return out
+
+
 def summary(rows):
     """Controllability of one policy: Spearman(θ, verbosity), Spearman(θ, length), length ratio max θ / min θ."""
     deg = [r["degree"] for r in rows]
@@ -97,12 +111,18 @@ def plot(rows, path):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("scored", nargs="+", help="NAME=scored.jsonl, one per policy, in round order")
+    p.add_argument("--rerank", action="append", default=[], metavar="NAME=scored.jsonl",
+                   help="also tabulate best-of-n reranking by vᵀr over these candidates (no training)")
+    p.add_argument("--degrees", default="-45,-30,-15,0,15,30,45", help="angles for --rerank")
     p.add_argument("--out", required=True, help="output prefix: writes OUT.jsonl, OUT.csv, OUT.png")
     args = p.parse_args()
     rows, summaries = [], []
-    for spec in args.scored:
+    for spec in args.scored + args.rerank:
         name, _, path = spec.partition("=") if "=" in spec and not os.path.exists(spec) else ("", "", spec)
-        rs = table(name or path, read_jsonl(path, required=("degree", "response", "n_tokens", "truncated", "rewards")))
+        records = read_jsonl(path, required=("degree", "response", "n_tokens", "truncated", "rewards"))
+        if spec in args.rerank:
+            records = rerank(records, [float(d) for d in args.degrees.split(",")])
+        rs = table(name or path, records)
         rows += rs
         summaries.append(summary(rs))
     write_jsonl(args.out + ".jsonl", rows)

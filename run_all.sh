@@ -13,6 +13,7 @@ MODEL=${MODEL:-embedded:SmolLM2-135M-Instruct}   # starting policy and RM backbo
 SEED=${SEED:-0}
 ROUNDS=${ROUNDS:-1}             # DPA iterations t = 1..ROUNDS
 RECIPE=${RECIPE:-explore}       # explore: exploration hints + hindsight RSF + mirrored DPO; paper: plain RSF
+DPO_LR=${DPO_LR:-1.5e-5}        # peak learning rate of the mirrored DPO step (cosine decay to 10%)
 EVAL_DEGREES=-45,-30,-15,0,15,30,45
 if [[ "${SMOKE:-0}" == 1 ]]; then
   OUT=${OUT%/demo}/smoke; N_TRAIN=6; N_EVAL=3; N_SAMPLES=1; MAX_NEW=24; RM_STEPS=3; SFT_STEPS=2; DPO_STEPS=2
@@ -44,6 +45,15 @@ evaluate_policy() {  # $1 policy folder, $2 name
 stamp "evaluate round 0 (base policy)"
 evaluate_policy "$MODEL" round0
 EVALS="round0=$OUT/eval-round0.jsonl"
+# inference-time DPA, no training: 6 base-policy candidates per held-out prompt (plain/brief/detail hints), reranked
+# per angle by vᵀr with the RM — the control that RSF tries to distil into the policy
+stamp "evaluate best-of-6 reranking of the base policy"
+if [[ ! -f "$OUT/eval-bo6.jsonl" ]]; then
+  $PY sample.py --model "$MODEL" --prompts data/prompts_heldout.jsonl --limit "$N_EVAL" --n "$N_SAMPLES" \
+    --hints plain,brief,detail --temperature 0.7 --max-new-tokens "$MAX_NEW" --batch-size 96 --seed 4321 \
+    --out "$OUT/eval-bo6.samples.jsonl" --overwrite
+  $PY score.py --samples "$OUT/eval-bo6.samples.jsonl" --rm "$OUT/rm" --judge --out "$OUT/eval-bo6.jsonl" --overwrite
+fi
 
 policy="$MODEL"
 for t in $(seq 1 "$ROUNDS"); do
@@ -63,12 +73,12 @@ for t in $(seq 1 "$ROUNDS"); do
     else
       # --- 2. exploration: per prompt one random θ, samples under the plain DPA prompt and with brief/detail hints
       stamp "round $t: sample"
-      $PY sample.py --model "$policy" --prompts data/prompts_train.jsonl --limit "$N_TRAIN" --n "$N_SAMPLES" \
+      [[ -f "$R/samples.jsonl" ]] || $PY sample.py --model "$policy" --prompts data/prompts_train.jsonl --limit "$N_TRAIN" --n "$N_SAMPLES" \
         --hints plain,brief,detail --max-new-tokens "$MAX_NEW" --batch-size 100 --seed $((SEED + t)) \
         --out "$R/samples.jsonl" --overwrite
       # --- 3. multi-objective rewards of every sample
       stamp "round $t: score"
-      $PY score.py --samples "$R/samples.jsonl" --rm "$OUT/rm" --out "$R/scored.jsonl" --overwrite
+      [[ -f "$R/scored.jsonl" ]] || $PY score.py --samples "$R/samples.jsonl" --rm "$OUT/rm" --out "$R/scored.jsonl" --overwrite
       # --- 4a. RSF with hindsight: best response per prompt for θ ∈ {-45,-15,15,45}, SFT under the plain DPA prompt
       stamp "round $t: finetune (hindsight RSF)"
       [[ -f "$R/sft/meta.json" ]] || $PY finetune.py --scored "$R/scored.jsonl" --init "$policy" --loss sft \
@@ -77,7 +87,7 @@ for t in $(seq 1 "$ROUNDS"); do
       # --- 4b. mirrored directional DPO at ±45° (both pairs of a prompt in one batch), NLL term on the chosen answers
       stamp "round $t: finetune (mirrored DPO)"
       $PY finetune.py --scored "$R/scored.jsonl" --init "$R/sft" --loss dpo --pairs mirrored --pair-degrees 45 \
-        --batch-size 4 --beta 0.1 --nll-coef 1.0 --epochs 1 --lr 5e-6 --max-steps "$DPO_STEPS" --seed "$SEED" \
+        --batch-size 4 --beta 0.1 --nll-coef 1.0 --epochs 1 --lr "$DPO_LR" --max-steps "$DPO_STEPS" --seed "$SEED" \
         --out "$R/policy"
     fi
   fi
@@ -89,7 +99,7 @@ done
 
 # --- 5. the per-angle table for every round, Spearman(θ, verbosity), and the Pareto-front PNG
 stamp evaluate
-$PY evaluate.py $EVALS --out "$OUT/eval"
+$PY evaluate.py $EVALS --rerank "best-of-6=$OUT/eval-bo6.jsonl" --degrees="$EVAL_DEGREES" --out "$OUT/eval"
 
 # --- 6. steering the final policy: the same question at both ends of the range
 stamp steer

@@ -15,10 +15,10 @@ def test_smoke_run_all(repo_root, smollm2_dir, tmp_path):
     proc = subprocess.run(["bash", "run_all.sh"], cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "smoke"
-    # one table row per (policy, angle), for the base policy and round 1
+    # one table row per (policy, angle): the base policy, its best-of-6 reranking by vᵀr, and round 1
     with open(out / "eval.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {(r["policy"], float(r["degree"])) for r in rows} == {(p, d) for p in ("round0", "round1")
+    assert {(r["policy"], float(r["degree"])) for r in rows} == {(p, d) for p in ("round0", "best-of-6", "round1")
                                                                  for d in (-45.0, 0.0, 45.0)}
     assert all(0 <= float(r["truncated"]) <= 1 and float(r["tokens"]) > 0 for r in rows)
     assert "evaluate: round1" in proc.stdout and "spearman(θ, verbosity)" in proc.stdout

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole DPA loop on the embedded SmolLM2-135M-Instruct, offline, on CPU:
 #   prepare → train_rm → ROUNDS × (sample → score → finetune) → evaluate every policy → steer example.
-# Hardware: 2 CPU cores, ~8 GB RAM; no GPU or network needed. Disk: ~0.6 GB per saved policy under runs/.
+# Hardware: 2 CPU cores, ~9 GB RAM (peak 8.4 GB measured); no GPU or network needed. Disk: ~0.6 GB per saved policy under runs/.
 # Time (2 cores): default ≈ 25 min (measured 24 min 8 s); SMOKE=1 ≈ 2 min (tiny sizes: proves the plumbing, not the method).
 # Usage: bash run_all.sh            RECIPE=paper bash run_all.sh            SMOKE=1 bash run_all.sh
 set -euo pipefail

@@ -5,7 +5,6 @@ Run from the repository root:
     python -m pytest tests/ -q                      # the whole suite
     python -m pytest tests/test_contracts.py -q     # this file only
 """
-import json
 import math
 import os
 import time

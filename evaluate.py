@@ -77,12 +77,33 @@ def rerank(records, degrees):
     return out
 
 
-def summary(rows):
-    """Controllability of one policy: Spearman(θ, verbosity), Spearman(θ, length), length ratio max θ / min θ."""
+def summary(rows, base=None):
+    """Controllability of one policy: Spearman(θ, verbosity), Spearman(θ, length), length ratio max θ / min θ.
+    With the base policy's rows (same angles) also the comparison DPA's figures make:
+      help_0_gain   helpfulness at θ = 0 minus the base's (training must not buy control with quality)
+      front_wins    at how many angles the policy's mean point lies beyond the base's in the direction v, i.e. a higher
+                    mean directional reward vᵀr̄ = cos θ·help + sin θ·verb: the front moved outwards there"""
     deg = [r["degree"] for r in rows]
-    return {"policy": rows[0]["policy"], "spearman_verb": spearman(deg, [r["verb"] for r in rows]),
-            "spearman_len": spearman(deg, [r["tokens"] for r in rows]),
-            "len_ratio": rows[-1]["tokens"] / max(rows[0]["tokens"], 1e-9)}
+    out = {"policy": rows[0]["policy"], "spearman_verb": spearman(deg, [r["verb"] for r in rows]),
+           "spearman_len": spearman(deg, [r["tokens"] for r in rows]),
+           "len_ratio": rows[-1]["tokens"] / max(rows[0]["tokens"], 1e-9)}
+    if base is not None:
+        ref = {r["degree"]: r for r in base}
+        common = [r for r in rows if r["degree"] in ref]
+        vr = lambda r: float(degree_to_vector(r["degree"]) @ np.array([r["help"], r["verb"]]))  # noqa: E731
+        out["front_wins"] = sum(vr(r) > vr(ref[r["degree"]]) for r in common)
+        out["front_angles"] = len(common)
+        zero = [r for r in common if r["degree"] == 0]
+        out["help_0_gain"] = zero[0]["help"] - ref[0.0]["help"] if zero else float("nan")
+    return out
+
+
+def targets_met(s):
+    """The steering targets of the default run (README): Spearman(θ, verbosity) ≥ 0.9, length ratio ≥ 1.5,
+    helpfulness at 0° not below the base's, front beyond the base's at ≥ 5 of 7 angles. → {target: bool}"""
+    return {"spearman_verb>=0.9": s["spearman_verb"] >= 0.9, "len_ratio>=1.5": s["len_ratio"] >= 1.5,
+            "help_0>=base": s.get("help_0_gain", float("nan")) >= 0,
+            "front_wins>=5/7": s.get("front_wins", 0) >= 5 * s.get("front_angles", 7) / 7}
 
 
 def plot(rows, path):
@@ -116,7 +137,7 @@ def main():
     p.add_argument("--degrees", default="-45,-30,-15,0,15,30,45", help="angles for --rerank")
     p.add_argument("--out", required=True, help="output prefix: writes OUT.jsonl, OUT.csv, OUT.png")
     args = p.parse_args()
-    rows, summaries = [], []
+    rows, summaries, base = [], [], None
     for spec in args.scored + args.rerank:
         name, _, path = spec.partition("=") if "=" in spec and not os.path.exists(spec) else ("", "", spec)
         records = read_jsonl(path, required=("degree", "response", "n_tokens", "truncated", "rewards"))
@@ -124,7 +145,8 @@ def main():
             records = rerank(records, [float(d) for d in args.degrees.split(",")])
         rs = table(name or path, records)
         rows += rs
-        summaries.append(summary(rs))
+        summaries.append(summary(rs, base))
+        base = base or rs  # the first policy (round 0, the base) is the reference of the others
     write_jsonl(args.out + ".jsonl", rows)
     with open(args.out + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
@@ -141,7 +163,9 @@ def main():
               + f" {r['tokens']:7.1f} {r['words']:6.1f} {r['truncated']:6.0%}")
     for s in summaries:
         print(f"evaluate: {s['policy']:10s} | spearman(θ, verbosity) {s['spearman_verb']:+.2f} | "
-              f"spearman(θ, length) {s['spearman_len']:+.2f} | length ratio max/min θ {s['len_ratio']:.2f}")
+              f"spearman(θ, length) {s['spearman_len']:+.2f} | length ratio max/min θ {s['len_ratio']:.2f}"
+              + (f" | help at 0° vs base {s['help_0_gain']:+.1f} | front beyond base at {s['front_wins']}/"
+                 f"{s['front_angles']} angles | targets met {sum(targets_met(s).values())}/4" if "front_wins" in s else ""))
     write_jsonl(args.out + "_summary.jsonl", [{k: (None if v != v else v) for k, v in s.items()} for s in summaries])
 
 

@@ -87,7 +87,7 @@ for t in $(seq 1 "$ROUNDS"); do
       # --- 4b. mirrored directional DPO at ±45° (both pairs of a prompt in one batch), NLL term on the chosen answers
       stamp "round $t: finetune (mirrored DPO)"
       $PY finetune.py --scored "$R/scored.jsonl" --init "$R/sft" --loss dpo --pairs mirrored --pair-degrees 45 \
-        --batch-size 4 --beta 0.1 --nll-coef 1.0 --epochs 1 --lr "$DPO_LR" --max-steps "$DPO_STEPS" --seed "$SEED" \
+        --batch-size 4 --beta 0.1 --nll-coef 1.0 --epochs 2 --lr "$DPO_LR" --max-steps "$DPO_STEPS" --seed "$SEED" \
         --out "$R/policy"
     fi
   fi

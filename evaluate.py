@@ -18,7 +18,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, best_of_n, degree_to_vector, read_jsonl, write_jsonl
+from common import (ATTRIBUTES, HELPFULNESS, VERBOSITY, DataError, best_of_n, check_fields, cli, degree_to_vector,
+                    parse_degrees, read_jsonl, write_jsonl)
 
 
 def mean_se(xs):
@@ -129,20 +130,31 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("scored", nargs="+", help="NAME=scored.jsonl, one per policy, in round order")
     p.add_argument("--rerank", action="append", default=[], metavar="NAME=scored.jsonl",
                    help="also tabulate best-of-n reranking by vᵀr over these candidates (no training)")
     p.add_argument("--degrees", default="-45,-30,-15,0,15,30,45", help="angles for --rerank")
     p.add_argument("--out", required=True, help="output prefix: writes OUT.jsonl, OUT.csv, OUT.png")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     rows, summaries, base = [], [], None
-    for spec in args.scored + args.rerank:
-        name, _, path = spec.partition("=") if "=" in spec and not os.path.exists(spec) else ("", "", spec)
-        records = read_jsonl(path, required=("degree", "response", "n_tokens", "truncated", "rewards"))
+    specs = [(s, *(s.partition("=")[::2] if "=" in s and not os.path.exists(s) else ("", s)))
+             for s in args.scored + args.rerank]
+    for out in (args.out + ext for ext in (".jsonl", ".csv", ".png", "_summary.jsonl")):
+        if any(os.path.realpath(out) == os.path.realpath(path) for _, _, path in specs):
+            raise SystemExit(f"error: output {out} is also an input; choose another --out")
+    for spec, name, path in specs:
+        lines, records = read_jsonl(path, required=("degree", "response", "n_tokens", "truncated", "rewards"),
+                                    with_lines=True)
+        for i, r in zip(lines, records):
+            check_fields(path, i, r, degree="degree", response="str", rewards="object", truncated="bool")
+            for a in (HELPFULNESS, VERBOSITY):
+                v = r["rewards"].get(a)
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise DataError(f"{path}:{i}: field 'rewards.{a}' must be a finite number, got {v!r}")
         if spec in args.rerank:
-            records = rerank(records, [float(d) for d in args.degrees.split(",")])
+            records = rerank(records, parse_degrees(args.degrees, "--degrees"))
         rs = table(name or path, records)
         rows += rs
         summaries.append(summary(rs, base))
@@ -170,4 +182,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -15,6 +15,9 @@ starting policy). Pairs come from the scores:
 --nll-coef adds the SFT loss on the chosen responses, which keeps them fluent.
 
 reads  scored JSONL (score.py)      writes a save_pretrained folder + meta.json (+ the training rows as JSONL)
+Candidates with an empty response are skipped and counted (an empty answer is never a target); rows longer than
+--max-len are cut and counted. --save-every N writes OUT/checkpoint.pt (model, optimizer, step, RNG states, DPO
+reference log-probs; atomically); --resume continues from it.
 
     python finetune.py --scored runs/demo/scored.jsonl --select hindsight --out runs/demo/policy-1
 """
@@ -31,24 +34,38 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import (ATTRIBUTES, DEFAULT_MODEL, DataError, best_of_n, chat_messages, degree_to_vector,
-                    directional_reward, read_jsonl, resolve_model, setup, write_jsonl)
+from common import (ATTRIBUTES, DEFAULT_MODEL, HELPFULNESS, VERBOSITY, DataError, best_of_n, chat_messages,
+                    check_fields, check_output_dir, check_unique, cli, degree_to_vector, directional_reward,
+                    file_digest, load_checkpoint, parse_degrees, read_jsonl, resolve_model, rng_state,
+                    save_checkpoint, set_rng_state, setup, write_jsonl)
 
 
 # ----------------------------------------------------------------------------- selection
 def reward_matrix(records, path, lines=None):
-    """(N, K) rewards in ATTRIBUTES order; errors name the line and field."""
+    """(N, K) rewards in ATTRIBUTES order; errors name the line and field. Every record must rate the two DPA axes,
+    with the same attribute names as the first record (a file scored by two reward models is an error); attributes
+    a record does not rate count 0 (only helpfulness and verbosity enter vᵀr)."""
     out = np.zeros((len(records), len(ATTRIBUTES)))
     lines = lines or range(1, len(records) + 1)
+    first = None
     for i, (line, r) in enumerate(zip(lines, records)):
         rw = r.get("rewards")
         if not isinstance(rw, dict):
             raise DataError(f"{path}:{line}: field 'rewards' missing or not an object: run score.py first")
-        for k, a in enumerate(ATTRIBUTES):
-            v = rw.get(a, 0.0)
-            if not isinstance(v, (int, float)) or not math.isfinite(v):
+        for a in (HELPFULNESS, VERBOSITY):
+            if a not in rw:
+                raise DataError(f"{path}:{line}: field 'rewards' has no '{a}' (it has {sorted(rw)[:4]}…): DPA needs "
+                                f"a reward model that rates helpfulness and verbosity")
+        if first is None:
+            first = (line, set(rw))
+        elif set(rw) != first[1]:
+            raise DataError(f"{path}:{line}: field 'rewards' has {len(rw)} attributes but line {first[0]} has "
+                            f"{len(first[1])} (differing: {sorted(set(rw) ^ first[1])[:4]}): scored by different RMs?")
+        for a, v in rw.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise DataError(f"{path}:{line}: field 'rewards.{a}' must be a finite number, got {v!r}")
-            out[i, k] = v
+        for k, a in enumerate(ATTRIBUTES):
+            out[i, k] = rw.get(a, 0.0)
     return out
 
 
@@ -163,7 +180,7 @@ def get_lr(step, total, warmup, lr):
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Data
     p.add_argument("--scored", required=True, help="scored samples JSONL (score.py output)")
@@ -175,6 +192,7 @@ def main():
     p.add_argument("--max-len", type=int, default=320, help="tokens per row (system + prompt + response)")
     # Model
     p.add_argument("--init", default=DEFAULT_MODEL, help="policy to start from (and DPO reference)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
     p.add_argument("--freeze-layers", type=int, default=0,
                    help="freeze the lowest N decoder layers (the embeddings, tied to the LM head, always stay frozen)")
     # Optimization
@@ -191,29 +209,62 @@ def main():
     # Output
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps (0 = run all epochs)")
-    args = p.parse_args()
+    p.add_argument("--save-every", type=int, default=0, help="write OUT/checkpoint.pt every N steps (0 = never)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if there is one")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (a finished or other run)")
+    args = p.parse_args(argv)
 
     device, dtype, autocast = setup(args.seed, args.device, args.dtype)
+    target_degrees = parse_degrees(args.target_degrees, "--target-degrees")
+    pair_degrees = parse_degrees(args.pair_degrees, "--pair-degrees")
+    ckpt = check_output_dir(args.out, args.overwrite, args.resume,
+                            [args.scored, resolve_model(args.init, args.trust_remote_code)])
     lines, records = read_jsonl(args.scored, required=("id", "prompt_id", "prompt", "degree", "response"),
                                 with_lines=True)
+    for i, r in zip(lines, records):
+        check_fields(args.scored, i, r, id="id", prompt_id="id", prompt="text", degree="degree", response="str",
+                     truncated="bool?")
+    check_unique(args.scored, lines, records)
     rewards = reward_matrix(records, args.scored, lines)
+    empty = [k for k, r in enumerate(records) if not r["response"].strip()]
+    if empty:  # an empty answer is never a training target (and a reward model may well prefer it at θ < 0)
+        print(f"finetune: skipped {len(empty)} candidates of {args.scored} with an empty response (lines "
+              f"{', '.join(str(lines[k]) for k in empty[:10])}{', …' if len(empty) > 10 else ''})")
+        keep = [k for k in range(len(records)) if records[k]["response"].strip()]
+        lines, records, rewards = [lines[k] for k in keep], [records[k] for k in keep], rewards[keep]
+    prompt_line = {}
+    for i, r in zip(lines, records):
+        prompt_line.setdefault(r["prompt"], i)
     if args.loss == "sft":
-        rows = select_sft(records, rewards, args.select, [float(d) for d in args.target_degrees.split(",")])
+        rows = select_sft(records, rewards, args.select, target_degrees)
     else:
-        rows = select_pairs(records, rewards, args.pairs, [float(d) for d in args.pair_degrees.split(",")])
+        rows = select_pairs(records, rewards, args.pairs, pair_degrees)
     if not rows:
-        raise SystemExit(f"error: no training rows selected from {args.scored} (every candidate tied?)")
+        raise SystemExit(f"error: no training rows selected from {args.scored} ({len(records)} usable candidates; "
+                         f"every candidate tied?)")
 
-    path = resolve_model(args.init)
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)  # fp32 master weights
+    path = resolve_model(args.init, args.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,  # fp32 master weights
+                                                 trust_remote_code=args.trust_remote_code).to(device)
     for m in [model.model.embed_tokens, *model.model.layers[:args.freeze_layers]]:
         m.requires_grad_(False)
+    n_cut = 0
+
+    def encode_row(r, response, truncated):
+        """encode() with errors naming the scored file's line; rows cut at --max-len are counted."""
+        nonlocal n_cut
+        try:
+            ids, n = encode(tok, r["prompt"], r["degree"], response, truncated, args.max_len)
+        except DataError as e:
+            raise DataError(f"{args.scored}:{prompt_line[r['prompt']]}: field 'prompt': {e}") from None
+        n_cut += len(ids) == args.max_len and (
+            n + len(tok(response, add_special_tokens=False)["input_ids"]) + (not truncated) > args.max_len)
+        return ids, n
     if args.loss == "sft":
-        data = [[encode(tok, r["prompt"], r["degree"], r["response"], r["truncated"], args.max_len)] for r in rows]
+        data = [[encode_row(r, r["response"], r["truncated"])] for r in rows]
     else:
-        data = [[encode(tok, r["prompt"], r["degree"], r["chosen"], r["chosen_truncated"], args.max_len),
-                 encode(tok, r["prompt"], r["degree"], r["rejected"], r["rejected_truncated"], args.max_len)]
+        data = [[encode_row(r, r["chosen"], r["chosen_truncated"]), encode_row(r, r["rejected"], r["rejected_truncated"])]
                 for r in rows]
 
     def forward(idx):
@@ -231,9 +282,12 @@ def main():
     total = max(1, int(args.epochs * math.ceil(len(data) / per_step)))
     total = min(total, args.max_steps) if args.max_steps else total
     plan = plan_batches([r["group"] for r in rows], args.batch_size, total * args.grad_accum, rng)
-    ref = []
-    if args.loss == "dpo":  # reference log-probs before the policy moves (the reference is the start point), computed
-        model.eval()        # on the very micro-batches training will use, so padding and kernels match: margin 0 at step 1
+    job = {k: v for k, v in vars(args).items() if k not in ("out", "save_every", "resume", "overwrite")}
+    job["scored"] = file_digest(args.scored)
+    state = load_checkpoint(ckpt, job) if ckpt else None
+    ref = state["ref"] if state else []
+    if args.loss == "dpo" and not state:  # reference log-probs before the policy moves (the reference is the start
+        model.eval()  # point), on the very micro-batches training will use, so padding and kernels match: margin 0 at step 1
         with torch.no_grad():
             ref = [forward(idx)[0].view(2, -1).float() for idx in plan]  # each (2, B): chosen, rejected
     model.train()
@@ -241,9 +295,16 @@ def main():
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     print(f"finetune: {args.loss} on {len(data)} {'rows' if args.loss == 'sft' else 'pairs'} | {total} steps | "
-          f"{sum(q.numel() for q in params) / 1e6:.1f}M trainable | {device} {dtype}")
-    t0, log = time.time(), []
-    for step in range(total):
+          f"{sum(q.numel() for q in params) / 1e6:.1f}M trainable | {device} {dtype}"
+          + (f" | {n_cut} sequences cut at --max-len {args.max_len}" if n_cut else ""))
+    t0, log, start = time.time(), [], 0
+    if state:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start, log = state["step"], state["log"]
+        set_rng_state(state["rng"])
+        print(f"finetune: resumed from {ckpt} at step {start}")
+    for step in range(start, total):
         t1 = time.time()
         lr = get_lr(step, total, args.warmup, args.lr)
         for g in opt.param_groups:
@@ -271,17 +332,24 @@ def main():
         extra = f" | margin {stats['margin']:.2f} | acc {stats['acc']:.2f}" if args.loss == "dpo" else ""
         print(f"step {step + 1}/{total} | loss {stats['loss']:.4f}{extra} | lr {lr:.1e} | {stats['seconds']:.1f}s",
               flush=True)
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
+            save_checkpoint(os.path.join(args.out, "checkpoint.pt"),
+                            {"fingerprint": job, "step": step + 1, "log": log, "model": model.state_dict(),
+                             "opt": opt.state_dict(), "ref": ref, "rng": rng_state()})
 
     os.makedirs(args.out, exist_ok=True)
     model.save_pretrained(args.out)
     tok.save_pretrained(args.out)
     write_jsonl(os.path.join(args.out, "train_rows.jsonl"), rows)
-    with open(os.path.join(args.out, "meta.json"), "w") as f:
+    with open(os.path.join(args.out, "meta.json.tmp"), "w") as f:  # meta.json last, atomically: the run is finished
         json.dump({"init": args.init, "loss": args.loss, "rows": len(rows), "steps": total,
                    "seconds": round(time.time() - t0, 1), "args": vars(args), "log": log}, f, indent=1)
+    os.replace(os.path.join(args.out, "meta.json.tmp"), os.path.join(args.out, "meta.json"))
+    if os.path.exists(os.path.join(args.out, "checkpoint.pt")):
+        os.remove(os.path.join(args.out, "checkpoint.pt"))
     print(f"finetune: {args.loss} {total} steps on {len(rows)} {'rows' if args.loss == 'sft' else 'pairs'} in "
           f"{time.time() - t0:.0f}s → {args.out} | final loss {log[-1]['loss']:.4f}")
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -7,6 +7,8 @@ Targets are divided by 100 while training and the head is scaled back, so the sa
 
 reads  JSONL {prompt, response, labels: {attribute: 0-100 or null}}     (data/rm_train.jsonl by default)
 writes an AutoModelForSequenceClassification folder + meta.json + eval.json (held-out MSE and Pearson per attribute)
+Rows with an empty response are skipped and counted; inputs longer than --max-len are cut and counted.
+--save-every N writes OUT/checkpoint.pt (model, optimizer, step, RNG states; atomically); --resume continues from it.
 
     python train_rm.py --data data/rm_train.jsonl --out runs/demo/rm
 """
@@ -22,8 +24,9 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from common import (ATTRIBUTES, DEFAULT_MODEL, HELPFULNESS, VERBOSITY, DataError, read_jsonl, resolve_model,
-                    reward_forward, rm_text, setup)
+from common import (ATTRIBUTES, DEFAULT_MODEL, HELPFULNESS, VERBOSITY, DataError, check_fields, check_output_dir,
+                    cli, file_digest, load_checkpoint, read_jsonl, resolve_model, reward_forward, rm_text,
+                    rng_state, save_checkpoint, set_rng_state, setup)
 
 
 def masked_mse(pred, target, mask):
@@ -48,9 +51,14 @@ def get_lr(step, total, warmup, lr):
 
 
 def load_rows(path, attributes):
-    """→ list of (text fields, target (K,), mask (K,)); errors name file, line and field."""
-    rows = []
+    """→ list of (prompt, response, target (K,), mask (K,), group, line); errors name file, line and field.
+    A row whose response is empty is skipped and counted: its labels rate a text that is not there."""
+    rows, empty = [], []
     for i, rec in zip(*read_jsonl(path, required=("prompt", "response", "labels"), with_lines=True)):
+        check_fields(path, i, rec, prompt="text", response="str", prompt_id="id?")
+        if not rec["response"].strip():
+            empty.append(i)
+            continue
         if not isinstance(rec["labels"], dict):
             raise DataError(f"{path}:{i}: field 'labels' must be an object of attribute → 0-100 or null")
         unknown = set(rec["labels"]) - set(attributes)
@@ -64,8 +72,25 @@ def load_rows(path, attributes):
             if not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise DataError(f"{path}:{i}: field 'labels.{a}' must be a finite number or null, got {v!r}")
             target[k], mask[k] = v / 100.0, 1.0
-        rows.append((rec["prompt"], rec["response"], target, mask, rec.get("prompt_id", rec["prompt"])))
+        rows.append((rec["prompt"], rec["response"], target, mask, rec.get("prompt_id", rec["prompt"]), i))
+    if empty:
+        print(f"train_rm: skipped {len(empty)} rows of {path} with an empty response (lines "
+              f"{', '.join(map(str, empty[:10]))}{', …' if len(empty) > 10 else ''})")
+    if not rows:
+        raise DataError(f"{path}: no usable rows")
     return rows
+
+
+def check_lengths(rows, tok, args, path):
+    """Inputs longer than --max-len are cut (→ their count); a prompt that fills --max-len on its own is an error."""
+    n_ids = [len(x) for x in tok([rm_text(tok, r[0], r[1], args.template) for r in rows],
+                                 add_special_tokens=False)["input_ids"]]
+    for r in (r for r, n in zip(rows, n_ids) if n > args.max_len):
+        n_prompt = len(tok(rm_text(tok, r[0], "", args.template), add_special_tokens=False)["input_ids"])
+        if n_prompt >= args.max_len:
+            raise DataError(f"{path}:{r[5]}: field 'prompt' takes {n_prompt} tokens of the RM input; --max-len "
+                            f"{args.max_len} leaves no room for the response")
+    return sum(n > args.max_len for n in n_ids)
 
 
 def batches(rows, tok, batch_size, max_len, template, shuffle, rng):
@@ -99,7 +124,7 @@ def evaluate(model, rows, tok, args, device, autocast):
     return out
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Data
     p.add_argument("--data", default="data/rm_train.jsonl", help="JSONL with prompt, response, labels")
@@ -109,6 +134,7 @@ def main():
     # Model
     p.add_argument("--backbone", default=DEFAULT_MODEL, help="embedded default, local folder or hub id")
     p.add_argument("--freeze-layers", type=int, default=0, help="freeze embeddings and the lowest N decoder layers")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
     # Optimization
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=16)
@@ -122,21 +148,26 @@ def main():
     # Output
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps (0 = run all epochs)")
-    args = p.parse_args()
+    p.add_argument("--save-every", type=int, default=0, help="write OUT/checkpoint.pt every N steps (0 = never)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if there is one")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (a finished or other run)")
+    args = p.parse_args(argv)
     args.attributes = ATTRIBUTES
 
     device, dtype, autocast = setup(args.seed, args.device, args.dtype)
+    ckpt = check_output_dir(args.out, args.overwrite, args.resume,
+                            [args.data, resolve_model(args.backbone, args.trust_remote_code)])
     rows = load_rows(args.data, args.attributes)
     rng = random.Random(args.seed)
-    groups = sorted({r[4] for r in rows})
+    groups = sorted({r[4] for r in rows}, key=lambda g: (isinstance(g, str), g))
     val_groups = set(rng.sample(groups, max(1, int(args.val_frac * len(groups))))) if args.val_frac > 0 else set()
     train = [r for r in rows if r[4] not in val_groups]
     val = [r for r in rows if r[4] in val_groups]
     if not train:
         raise SystemExit(f"error: no training rows left in {args.data} after holding out {len(val)} for evaluation")
 
-    path = resolve_model(args.backbone)
-    tok = AutoTokenizer.from_pretrained(path)
+    path = resolve_model(args.backbone, args.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
     tok.padding_side = "right"
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         # the RM input ends with the end-of-turn token; a pad id different from it keeps HF's own
@@ -144,7 +175,8 @@ def main():
         tok.pad_token = tok.convert_ids_to_tokens(0)
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=len(args.attributes), problem_type="regression", dtype=torch.float32,
-        id2label=dict(enumerate(args.attributes)), label2id={a: k for k, a in enumerate(args.attributes)})
+        id2label=dict(enumerate(args.attributes)), label2id={a: k for k, a in enumerate(args.attributes)},
+        trust_remote_code=args.trust_remote_code)
     model.config.pad_token_id = tok.pad_token_id
     torch.nn.init.zeros_(model.score.weight)  # fp32 master weights; start from r = 0, the head learns fast
     frozen = [model.model.embed_tokens, *model.model.layers[:args.freeze_layers]]
@@ -159,12 +191,24 @@ def main():
     steps_per_epoch = math.ceil(len(train) / (args.batch_size * args.grad_accum))
     total = max(1, int(args.epochs * steps_per_epoch))
     total = min(total, args.max_steps) if args.max_steps else total
+    n_cut = check_lengths(rows, tok, args, args.data)
     print(f"train_rm: {len(train)} train / {len(val)} val rows | {total} steps | {sum(q.numel() for q in body) / 1e6:.1f}M "
-          f"trainable | {device} {dtype}")
+          f"trainable | {device} {dtype}" + (f" | {n_cut} rows cut at --max-len {args.max_len}" if n_cut else ""))
 
-    step, t0 = 0, time.time()
+    step, t0, log = 0, time.time(), []
     stream = (b for _ in itertools.count()  # epochs end where `total` says; the stream never runs dry
               for b in batches(train, tok, args.batch_size, args.max_len, args.template, True, rng))
+    job = {k: v for k, v in vars(args).items() if k not in ("attributes", "out", "save_every", "resume", "overwrite")}
+    job["data"] = file_digest(args.data)
+    if ckpt:
+        state = load_checkpoint(ckpt, job)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step, log = state["step"], state["log"]
+        for _ in range(step * args.grad_accum):  # replay the shuffled batch stream up to where the run stopped
+            next(stream)
+        set_rng_state(state["rng"])
+        print(f"train_rm: resumed from {ckpt} at step {step}")
     while step < total:
         t1 = time.time()
         for g in opt.param_groups:
@@ -181,8 +225,13 @@ def main():
         opt.zero_grad(set_to_none=True)
         # ---------------- TRAINING STEP END
         step += 1
-        print(f"step {step}/{total} | mse {loss.item() * args.grad_accum * 1e4:.1f} (0-100 scale) | "
+        log.append({"step": step, "mse": loss.item() * args.grad_accum * 1e4})
+        print(f"step {step}/{total} | mse {log[-1]['mse']:.1f} (0-100 scale) | "
               f"lr {opt.param_groups[0]['lr']:.1e} | {time.time() - t1:.1f}s", flush=True)
+        if args.save_every and step % args.save_every == 0 and step < total:
+            save_checkpoint(os.path.join(args.out, "checkpoint.pt"),
+                            {"fingerprint": job, "step": step, "log": log, "model": model.state_dict(),
+                             "opt": opt.state_dict(), "rng": rng_state()})
 
     with torch.no_grad():
         model.score.weight.mul_(100.0)  # predictions on the 0-100 scale
@@ -195,11 +244,14 @@ def main():
     tok.save_pretrained(args.out)
     meta = {"attributes": args.attributes, "scale": [0, 100], "template": args.template, "helpfulness": HELPFULNESS,
             "verbosity": VERBOSITY, "backbone": args.backbone, "steps": total, "seconds": round(time.time() - t0, 1),
-            "args": {k: v for k, v in vars(args).items() if k != "attributes"}, "eval": metrics}
-    with open(os.path.join(args.out, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+            "args": {k: v for k, v in vars(args).items() if k != "attributes"}, "eval": metrics, "log": log}
     with open(os.path.join(args.out, "eval.json"), "w") as f:
         json.dump(metrics, f, indent=1)
+    with open(os.path.join(args.out, "meta.json.tmp"), "w") as f:  # meta.json last, atomically: the run is finished
+        json.dump(meta, f, indent=1)
+    os.replace(os.path.join(args.out, "meta.json.tmp"), os.path.join(args.out, "meta.json"))
+    if os.path.exists(os.path.join(args.out, "checkpoint.pt")):
+        os.remove(os.path.join(args.out, "checkpoint.pt"))
     hv = [metrics.get(a, {}).get("pearson") for a in (HELPFULNESS, VERBOSITY)]
     hv = [float("nan") if x is None else x for x in hv]
     print(f"train_rm: {total} steps in {time.time() - t0:.0f}s → {args.out} | held-out pearson helpfulness {hv[0]:.3f} "
@@ -207,4 +259,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

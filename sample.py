@@ -146,7 +146,7 @@ def main(argv=None):
     finished, append = open_partial(partial, job, args.overwrite)
     done = {r["id"]: r for r in finished}
     resumed = len(done)
-    t0, n_tok = time.time(), 0
+    t0, n_tok, n_new = time.time(), 0, 0
     for b, batch in enumerate(tqdm(batches, desc="sample", unit="batch")):
         if all(jobs[i]["id"] in done for i in batch):
             continue
@@ -163,6 +163,7 @@ def main(argv=None):
             done[rec["id"]] = rec
             new.append(rec)
             n_tok += n
+        n_new += len(new)
         append(new)  # one write per finished batch; a torn last line is dropped on resume
 
     records = [done[j["id"]] for j in jobs]  # input order, whatever order the batches ran in
@@ -174,7 +175,7 @@ def main(argv=None):
     mean_len = sum(r["n_tokens"] for r in records) / max(1, len(records))
     print(f"sample: {len(records)} responses ({len(prompts)} prompts) → {args.out} | mean {mean_len:.0f} tokens | "
           f"truncated {trunc:.0%} | {n_tok / max(dt, 1e-9):.0f} new tok/s | {dt:.0f}s"
-          + (f" | resumed {resumed} from {partial}" if resumed else ""))
+          + (f" | resumed {resumed} from {partial}, drew {n_new}" if resumed else ""))
 
 
 if __name__ == "__main__":

@@ -114,13 +114,16 @@ def main(argv=None):
            "batch_size": args.batch_size, "device": device, "dtype": str(dtype)}
     finished, append = open_partial(partial, job, args.overwrite)
     done = {k: row for e in finished for k, row in zip(e["index"], e["rewards"])}
+    n_new = 0
 
     def on_batch(idx, rows):
+        nonlocal n_new
         for j, row in zip(idx, rows):
             if not all(math.isfinite(x) for x in row):
                 raise DataError(f"{args.samples}:{lines[j]}: the reward model gave non-finite rewards {row} "
                                 f"(broken weights or fp16 overflow? try --dtype float32)")
         append([{"index": idx, "rewards": rows}])
+        n_new += len(rows)
     rewards = score_texts(model, tok, texts, args.batch_size, args.max_len, device, done, on_batch)
     judged = None
     if args.judge:
@@ -141,7 +144,7 @@ def main(argv=None):
     n_empty = sum(not r["response"].strip() for r in records)
     print(f"score: {len(records)} responses → {args.out} | mean helpfulness {h:.1f} verbosity {v:.1f} | "
           f"{len(records) / max(dt, 1e-9):.1f} responses/s | {dt:.0f}s | {n_empty} empty | {n_cut} cut at --max-len"
-          + (f" | resumed {len(done)} from {partial}" if done else ""))
+          + (f" | resumed {len(done)} from {partial}, scored {n_new}" if done else ""))
 
 
 if __name__ == "__main__":

@@ -597,7 +597,7 @@ def test_sample_kill9_resumes_to_identical_bytes(repo_root, tiny_model_dir, tmp,
         f.write('{"id": "p3/-30/plain/0", "prompt_id": "p')  # and a torn last line, as a kill mid-write leaves
     capsys.readouterr()
     run(sample, *args, "--out", out)
-    assert f"resumed {n - 1} from {out}.partial" in capsys.readouterr().out
+    assert f"resumed {n - 1} from {out}.partial, drew {32 - (n - 1)}" in capsys.readouterr().out  # only what was missing
     assert out.read_bytes() == (tmp / "ref.jsonl").read_bytes()  # no duplicates, no gaps, same samples
     assert not os.path.exists(f"{out}.partial")
 
@@ -612,9 +612,39 @@ def test_score_kill9_resumes_to_identical_bytes(repo_root, rm_dir, tmp, capsys):
     assert 2 <= n < 1 + 60 and not out.exists()
     capsys.readouterr()
     run(score, *args, "--out", out)
-    assert f"resumed {2 * (n - 1)} from {out}.partial" in capsys.readouterr().out
+    assert f"resumed {2 * (n - 1)} from {out}.partial, scored {120 - 2 * (n - 1)}" in capsys.readouterr().out
     assert out.read_bytes() == (tmp / "ref.jsonl").read_bytes()
     assert not os.path.exists(f"{out}.partial")
+
+
+def test_partial_log_cuts_a_torn_line_and_appends_cleanly(tmp):
+    path = str(tmp / "o.jsonl.partial")
+    done, append = common.open_partial(path, {"job": 1}, overwrite=False)
+    assert done == [] and not os.path.exists(path)  # nothing finished, nothing written
+    append([{"id": 1}, {"id": 2}])
+    with open(path, "a") as f:
+        f.write('{"id": 3, "resp')  # killed mid-write
+    done, append = common.open_partial(path, {"job": 1}, overwrite=False)
+    assert done == [{"id": 1}, {"id": 2}]
+    append([{"id": 3}])
+    assert [json.loads(line) for line in open(path)] == [{"partial": {"job": 1}}, {"id": 1}, {"id": 2}, {"id": 3}]
+    with pytest.raises(SystemExit, match="different job"):
+        common.open_partial(path, {"job": 2}, overwrite=False)
+    done, append = common.open_partial(path, {"job": 2}, overwrite=True)  # starting over: the old log goes at the
+    assert done == []                                                     # first append
+    append([{"id": 9}])
+    assert [json.loads(line) for line in open(path)] == [{"partial": {"job": 2}}, {"id": 9}]
+
+
+def test_rng_state_round_trip(tmp):
+    import random
+
+    import numpy as np
+    common.save_checkpoint(str(tmp / "c.pt"), {"rng": common.rng_state()})
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    random.random(), np.random.rand(), torch.rand(1)  # move every generator on
+    common.set_rng_state(torch.load(tmp / "c.pt", weights_only=True)["rng"])
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
 
 
 class Crash(Exception):

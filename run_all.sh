@@ -4,6 +4,8 @@
 # Hardware: 2 CPU cores, ~9 GB RAM (peak 8.4 GB measured); no GPU or network needed. Disk: ~0.6 GB per saved policy under runs/.
 # Time (2 cores): default ≈ 25 min (measured 24 min 8 s); SMOKE=1 ≈ 2 min (tiny sizes: proves the plumbing, not the method).
 # Usage: bash run_all.sh            RECIPE=paper bash run_all.sh            SMOKE=1 bash run_all.sh
+# Interrupted (Ctrl-C, kill -9, power)? Run the same command again: finished stages are skipped, sampling and scoring
+# continue from their OUT.partial logs, training from its last checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -14,6 +16,7 @@ SEED=${SEED:-0}
 ROUNDS=${ROUNDS:-1}             # DPA iterations t = 1..ROUNDS
 RECIPE=${RECIPE:-explore}       # explore: exploration hints + hindsight RSF + mirrored DPO; paper: plain RSF
 DPO_LR=${DPO_LR:-1.5e-5}        # peak learning rate of the mirrored DPO step (cosine decay to 10%)
+CKPT_EVERY=${CKPT_EVERY:-25}    # training checkpoint every N steps (1.4 GB, ≈ 3 s each); a rerun resumes from it
 EVAL_DEGREES=-45,-30,-15,0,15,30,45
 if [[ "${SMOKE:-0}" == 1 ]]; then
   OUT=${OUT%/demo}/smoke; N_TRAIN=6; N_EVAL=3; N_SAMPLES=1; MAX_NEW=24; RM_STEPS=3; SFT_STEPS=2; DPO_STEPS=2
@@ -33,14 +36,16 @@ $PY prepare.py
 # --- 1. multi-objective reward model on the demo ratings (data/rm_train.jsonl, labelled by judge.py)
 stamp train_rm
 [[ -f "$OUT/rm/meta.json" ]] || $PY train_rm.py --data data/rm_train.jsonl --backbone "$MODEL" --out "$OUT/rm" \
-  --freeze-layers 16 --lr 1e-4 --epochs 1 --batch-size 16 --max-steps "$RM_STEPS" --seed "$SEED"
+  --freeze-layers 16 --lr 1e-4 --epochs 1 --batch-size 16 --max-steps "$RM_STEPS" --seed "$SEED" \
+  --save-every "$CKPT_EVERY" --resume
 
 # evaluation of one policy: held-out prompts × every angle, scored by the RM and by the judge (ground truth)
 evaluate_policy() {  # $1 policy folder, $2 name
   [[ -f "$OUT/eval-$2.jsonl" ]] && return
-  $PY sample.py --model "$1" --prompts data/prompts_heldout.jsonl --limit "$N_EVAL" --degrees="$EVAL_DEGREES" --n 1 \
-    --temperature 0.7 --max-new-tokens "$MAX_NEW" --batch-size 112 --seed 1234 --out "$OUT/eval-$2.samples.jsonl" --overwrite
-  $PY score.py --samples "$OUT/eval-$2.samples.jsonl" --rm "$OUT/rm" --judge --out "$OUT/eval-$2.jsonl" --overwrite
+  [[ -f "$OUT/eval-$2.samples.jsonl" ]] || $PY sample.py --model "$1" --prompts data/prompts_heldout.jsonl \
+    --limit "$N_EVAL" --degrees="$EVAL_DEGREES" --n 1 --temperature 0.7 --max-new-tokens "$MAX_NEW" --batch-size 112 \
+    --seed 1234 --out "$OUT/eval-$2.samples.jsonl"
+  $PY score.py --samples "$OUT/eval-$2.samples.jsonl" --rm "$OUT/rm" --judge --out "$OUT/eval-$2.jsonl"
 }
 stamp "evaluate round 0 (base policy)"
 evaluate_policy "$MODEL" round0
@@ -49,10 +54,10 @@ EVALS="round0=$OUT/eval-round0.jsonl"
 # per angle by vᵀr with the RM — the control that RSF tries to distil into the policy
 stamp "evaluate best-of-6 reranking of the base policy"
 if [[ ! -f "$OUT/eval-bo6.jsonl" ]]; then
-  $PY sample.py --model "$MODEL" --prompts data/prompts_heldout.jsonl --limit "$N_EVAL" --n "$N_SAMPLES" \
-    --hints plain,brief,detail --temperature 0.7 --max-new-tokens "$MAX_NEW" --batch-size 96 --seed 4321 \
-    --out "$OUT/eval-bo6.samples.jsonl" --overwrite
-  $PY score.py --samples "$OUT/eval-bo6.samples.jsonl" --rm "$OUT/rm" --judge --out "$OUT/eval-bo6.jsonl" --overwrite
+  [[ -f "$OUT/eval-bo6.samples.jsonl" ]] || $PY sample.py --model "$MODEL" --prompts data/prompts_heldout.jsonl \
+    --limit "$N_EVAL" --n "$N_SAMPLES" --hints plain,brief,detail --temperature 0.7 --max-new-tokens "$MAX_NEW" \
+    --batch-size 96 --seed 4321 --out "$OUT/eval-bo6.samples.jsonl"
+  $PY score.py --samples "$OUT/eval-bo6.samples.jsonl" --rm "$OUT/rm" --judge --out "$OUT/eval-bo6.jsonl"
 fi
 
 policy="$MODEL"
@@ -63,32 +68,32 @@ for t in $(seq 1 "$ROUNDS"); do
     if [[ "$RECIPE" == paper ]]; then
       # --- 2-4 the paper's loop: one θ per prompt, n samples under it, best-of-n by vᵀr, SFT
       stamp "round $t: sample"
-      $PY sample.py --model "$policy" --prompts data/prompts_train.jsonl --limit "$N_TRAIN" --n $((N_SAMPLES * 2)) \
-        --max-new-tokens "$MAX_NEW" --seed $((SEED + t)) --out "$R/samples.jsonl" --overwrite
+      [[ -f "$R/samples.jsonl" ]] || $PY sample.py --model "$policy" --prompts data/prompts_train.jsonl \
+        --limit "$N_TRAIN" --n $((N_SAMPLES * 2)) --max-new-tokens "$MAX_NEW" --seed $((SEED + t)) --out "$R/samples.jsonl"
       stamp "round $t: score"
-      $PY score.py --samples "$R/samples.jsonl" --rm "$OUT/rm" --out "$R/scored.jsonl" --overwrite
+      [[ -f "$R/scored.jsonl" ]] || $PY score.py --samples "$R/samples.jsonl" --rm "$OUT/rm" --out "$R/scored.jsonl"
       stamp "round $t: finetune (RSF)"
       $PY finetune.py --scored "$R/scored.jsonl" --init "$policy" --loss sft --select sampled --epochs 2 \
-        --lr 3e-5 --max-steps "$SFT_STEPS" --seed "$SEED" --out "$R/policy"
+        --lr 3e-5 --max-steps "$SFT_STEPS" --seed "$SEED" --out "$R/policy" --save-every "$CKPT_EVERY" --resume
     else
       # --- 2. exploration: per prompt one random θ, samples under the plain DPA prompt and with brief/detail hints
       stamp "round $t: sample"
       [[ -f "$R/samples.jsonl" ]] || $PY sample.py --model "$policy" --prompts data/prompts_train.jsonl --limit "$N_TRAIN" --n "$N_SAMPLES" \
         --hints plain,brief,detail --max-new-tokens "$MAX_NEW" --batch-size 100 --seed $((SEED + t)) \
-        --out "$R/samples.jsonl" --overwrite
+        --out "$R/samples.jsonl"
       # --- 3. multi-objective rewards of every sample
       stamp "round $t: score"
-      [[ -f "$R/scored.jsonl" ]] || $PY score.py --samples "$R/samples.jsonl" --rm "$OUT/rm" --out "$R/scored.jsonl" --overwrite
+      [[ -f "$R/scored.jsonl" ]] || $PY score.py --samples "$R/samples.jsonl" --rm "$OUT/rm" --out "$R/scored.jsonl"
       # --- 4a. RSF with hindsight: best response per prompt for θ ∈ {-45,-15,15,45}, SFT under the plain DPA prompt
       stamp "round $t: finetune (hindsight RSF)"
       [[ -f "$R/sft/meta.json" ]] || $PY finetune.py --scored "$R/scored.jsonl" --init "$policy" --loss sft \
         --select hindsight --target-degrees=-45,-15,15,45 --epochs 1.5 --lr 5e-5 --max-steps "$SFT_STEPS" \
-        --seed "$SEED" --out "$R/sft"
+        --seed "$SEED" --out "$R/sft" --save-every "$CKPT_EVERY" --resume
       # --- 4b. mirrored directional DPO at ±45° (both pairs of a prompt in one batch), NLL term on the chosen answers
       stamp "round $t: finetune (mirrored DPO)"
       $PY finetune.py --scored "$R/scored.jsonl" --init "$R/sft" --loss dpo --pairs mirrored --pair-degrees 45 \
         --batch-size 4 --beta 0.1 --nll-coef 1.0 --epochs 2 --lr "$DPO_LR" --max-steps "$DPO_STEPS" --seed "$SEED" \
-        --out "$R/policy"
+        --out "$R/policy" --save-every "$CKPT_EVERY" --resume
     fi
   fi
   policy="$R/policy"

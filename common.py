@@ -6,6 +6,7 @@
 - JSONL read/write (errors name file, line and field; writes are atomic),
 - model resolution (embedded default, local path, hub id) and device/dtype.
 """
+import gzip
 import importlib.util
 import json
 import math
@@ -97,14 +98,14 @@ class DataError(ValueError):
 
 
 def read_jsonl(path, required=(), with_lines=False):
-    """Read a JSONL file into a list of dicts; check that each record has the `required` fields.
+    """Read a JSONL file (or .jsonl.gz) into a list of dicts; check that each record has the `required` fields.
     with_lines=True returns (line numbers, records), so later checks can name the line (blank lines are skipped)."""
     if os.path.isdir(path):
         raise DataError(f"{path}: is a directory, expected a JSONL file")
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file")
     records, lines = [], []
-    with open(path, "rb") as f:
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")

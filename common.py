@@ -7,6 +7,7 @@
 - output checks (never clobber an input or a finished run) and atomic training checkpoints,
 - model resolution (embedded default, local path, hub id; no remote code unless asked) and device/dtype.
 """
+import gzip
 import hashlib
 import importlib.util
 import json
@@ -99,7 +100,7 @@ class DataError(ValueError):
 
 
 def read_jsonl(path, required=(), with_lines=False):
-    """Read a JSONL file into a list of dicts; check that each record has the `required` fields.
+    """Read a JSONL file (or .jsonl.gz) into a list of dicts; check that each record has the `required` fields.
     with_lines=True returns (line numbers, records), so later checks can name the line (blank lines are skipped).
     Records that carry `schema_version` must all carry the same one, and not a newer one than SCHEMA_VERSION."""
     if os.path.isdir(path):
@@ -107,7 +108,7 @@ def read_jsonl(path, required=(), with_lines=False):
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file")
     records, lines, schema = [], [], None
-    with open(path, "rb") as f:
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             if lineno == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
                 raise DataError(f"{path}:1: UTF-16 text (byte-order mark); save the file as UTF-8")

@@ -126,8 +126,8 @@ def main():
                         "margin": reward_diff.mean().item(), "loglik_acc": accuracy(pc - pr)})
         print(f"bench_pref: {obj} done in {wall:.0f}s", flush=True)
 
-    print(f"\nheld-out preference accuracy on {len(held)} HH-RLHF pairs, SmolLM2-135M-Instruct, {len(train)} train pairs, "
-          f"lr {args.lr:g}, β {args.beta:g}, batch {args.batch_size}, {args.epochs:g} epoch(s)")
+    print(f"\nheld-out preference accuracy on {len(held)} HH-RLHF pairs, SmolLM2-135M-Instruct, {len(train)} train "
+          f"pairs, lr {args.lr:g}, β {args.beta:g}, batch {args.batch_size}, {args.epochs:g} epoch(s)")
     print("| objective | steps | pairs/s | wall s | acc of β·h | mean β·h margin | acc of log π |")
     print("|---|---|---|---|---|---|---|")
     for r in results:

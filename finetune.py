@@ -264,8 +264,8 @@ def main(argv=None):
     if args.loss == "sft":
         data = [[encode_row(r, r["response"], r["truncated"])] for r in rows]
     else:
-        data = [[encode_row(r, r["chosen"], r["chosen_truncated"]), encode_row(r, r["rejected"], r["rejected_truncated"])]
-                for r in rows]
+        data = [[encode_row(r, r["chosen"], r["chosen_truncated"]),
+                 encode_row(r, r["rejected"], r["rejected_truncated"])] for r in rows]
 
     def forward(idx):
         """Summed log-probs of every sequence of rows idx (chosen first, then rejected) and the token-level NLL."""
@@ -285,9 +285,11 @@ def main(argv=None):
     job = {k: v for k, v in vars(args).items() if k not in ("out", "save_every", "resume", "overwrite")}
     job["scored"] = file_digest(args.scored)
     state = load_checkpoint(ckpt, job) if ckpt else None
-    ref = state["ref"] if state else []
-    if args.loss == "dpo" and not state:  # reference log-probs before the policy moves (the reference is the start
-        model.eval()  # point), on the very micro-batches training will use, so padding and kernels match: margin 0 at step 1
+    ref = [r.to(device) for r in state["ref"]] if state else []  # a resumed run keeps its reference log-probs
+    if args.loss == "dpo" and not state:
+        # reference log-probs before the policy moves (the reference is the start point), computed on the very
+        # micro-batches training will use, so padding and kernels match: margin 0 at step 1
+        model.eval()
         with torch.no_grad():
             ref = [forward(idx)[0].view(2, -1).float() for idx in plan]  # each (2, B): chosen, rejected
     model.train()

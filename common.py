@@ -267,6 +267,11 @@ def _plain(x):
     return json.loads(json.dumps(x))
 
 
+def _differ(old, new):
+    """The keys on which two job fingerprints differ, for the error message."""
+    return ", ".join(sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)))
+
+
 def model_stamp(path):
     """What identifies a model for a resumed run: a local folder's file names, sizes and mtimes; else the hub id."""
     if not os.path.isdir(path):
@@ -295,9 +300,8 @@ def open_partial(path, fingerprint, overwrite):
                 head = None
             if head != fingerprint:
                 old = head.get("partial") if isinstance(head, dict) and isinstance(head.get("partial"), dict) else {}
-                diff = sorted(k for k in set(old) | set(fingerprint["partial"]) if old.get(k) != fingerprint["partial"].get(k))
-                raise SystemExit(f"error: {path} is the log of a different job (differs in: {', '.join(diff)}); pass "
-                                 f"--overwrite to discard it and start over")
+                raise SystemExit(f"error: {path} is the log of a different job (differs in: "
+                                 f"{_differ(old, fingerprint['partial'])}); pass --overwrite to discard it and start over")
             for k, line in enumerate(lines[1:], 2):
                 try:
                     records.append(json.loads(line))
@@ -354,9 +358,8 @@ def load_checkpoint(path, fingerprint):
     state = torch.load(path, map_location="cpu", weights_only=True)
     old, new = state.get("fingerprint", {}), _plain(fingerprint)
     if old != new:
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        raise SystemExit(f"error: {path} was made by a different job (differs in: {', '.join(diff)}); pass "
-                         f"--overwrite to start over")
+        raise SystemExit(f"error: {path} was made by a different job (differs in: {_differ(old, new)}); pass "
+                         f"--overwrite without --resume to start over")
     return state
 
 

@@ -517,7 +517,7 @@ def main(argv=None):
     job = {k: v for k, v in vars(args).items() if k not in ("out", "save_every", "resume", "overwrite")}
     job["scored" if args.scored else "prefs"] = file_digest(source)
     state = load_checkpoint(ckpt, job) if ckpt else None
-    ref, omega = (state["ref"] if state else []), []
+    ref, omega = ([r.to(device) for r in state["ref"]] if state else []), []  # a resumed run keeps its reference
     if args.loss != "sft" and not state:  # reference log-probs before the policy moves (the reference is the start
         model.eval()  # point), on the very micro-batches training will use, so padding and kernels match: margin 0 at step 1
         with torch.no_grad():  # each (2, B): chosen, rejected

@@ -82,7 +82,8 @@ for t in $(seq 1 "$ROUNDS"); do
       # --- 2-4 the paper's loop: one θ per prompt, n samples under it, best-of-n by vᵀr, SFT
       stamp "round $t: sample"
       [[ -f "$R/samples.jsonl" ]] || $PY sample.py --model "$policy" --prompts data/prompts_train.jsonl \
-        --limit "$N_TRAIN" --n $((N_SAMPLES * 2)) --max-new-tokens "$MAX_NEW" --seed $((SEED + t)) --out "$R/samples.jsonl"
+        --limit "$N_TRAIN" --n $((N_SAMPLES * 2)) --max-new-tokens "$MAX_NEW" --seed $((SEED + t)) \
+        --out "$R/samples.jsonl"
       stamp "round $t: score"
       [[ -f "$R/scored.jsonl" ]] || $PY score.py --samples "$R/samples.jsonl" --rm "$OUT/rm" --out "$R/scored.jsonl"
       stamp "round $t: finetune (RSF)"

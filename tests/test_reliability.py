@@ -295,7 +295,7 @@ def test_non_finite_reward(tmp, tiny_model_dir, literal):
 
 def test_non_finite_reward_evaluate(tmp):
     rec = {"degree": 0, "response": "x", "n_tokens": 1, "truncated": False, "rewards": {HELPFULNESS: 1, VERBOSITY: 2}}
-    e = write(tmp / "e.jsonl", rec, json.dumps(rec).replace('"helpsteer-helpfulness": 1', '"helpsteer-helpfulness": NaN'))
+    e = write(tmp / "e.jsonl", rec, json.dumps(rec).replace(f'"{HELPFULNESS}": 1', f'"{HELPFULNESS}": NaN'))
     fails(tmp, DataError, evaluate, f"base={e}", "--out", tmp / "eval", needles=(f"{e}:2:", f"rewards.{HELPFULNESS}"))
 
 
@@ -389,7 +389,8 @@ def test_unknown_model_fails_fast(tmp, monkeypatch, stage, flag, name):
     s = write(tmp / "s.jsonl", *good_scored())
     args = {"sample": ("--prompts", p, "--out", tmp / "o.jsonl", *CPU),
             "score": ("--samples", p, "--out", tmp / "o.jsonl", *CPU),
-            "train_rm": ("--data", p, "--out", tmp / "rm", *CPU), "finetune": ("--scored", s, "--out", tmp / "pol", *CPU),
+            "train_rm": ("--data", p, "--out", tmp / "rm", *CPU),
+            "finetune": ("--scored", s, "--out", tmp / "pol", *CPU),
             "steer": ("--device", "cpu", "hi")}[stage]
     t0 = time.time()
     msg = fails(tmp, SystemExit, globals()[stage], flag, name, *args, needles=(name,))
@@ -411,7 +412,8 @@ def test_remote_code_is_refused_and_never_run(tmp, tiny_model_dir, stage, flag):
     s = write(tmp / "s.jsonl", *good_scored())
     args = {"sample": ("--prompts", p, "--out", tmp / "o.jsonl", *CPU),
             "score": ("--samples", p, "--out", tmp / "o.jsonl", *CPU),
-            "train_rm": ("--data", p, "--out", tmp / "rm", *CPU), "finetune": ("--scored", s, "--out", tmp / "pol", *CPU),
+            "train_rm": ("--data", p, "--out", tmp / "rm", *CPU),
+            "finetune": ("--scored", s, "--out", tmp / "pol", *CPU),
             "steer": ("--device", "cpu", "hi")}[stage]
     fails(tmp, SystemExit, globals()[stage], flag, evil, *args,
           needles=(str(evil), "--trust-remote-code", "nothing was run"))
@@ -598,7 +600,7 @@ def test_sample_kill9_resumes_to_identical_bytes(repo_root, tiny_model_dir, tmp,
         f.write('{"id": "p3/-30/plain/0", "prompt_id": "p')  # and a torn last line, as a kill mid-write leaves
     capsys.readouterr()
     run(sample, *args, "--out", out)
-    assert f"resumed {n - 1} from {out}.partial, drew {32 - (n - 1)}" in capsys.readouterr().out  # only what was missing
+    assert f"resumed {n - 1} from {out}.partial, drew {32 - (n - 1)}" in capsys.readouterr().out  # only the rest
     assert out.read_bytes() == (tmp / "ref.jsonl").read_bytes()  # no duplicates, no gaps, same samples
     assert not os.path.exists(f"{out}.partial")
 
@@ -775,7 +777,8 @@ def test_local_runs_never_touch_the_network(repo_root, tiny_model_dir, rm_dir, t
     runs = [("sample.py", ["--prompts", str(p), "--n", "1", "--max-new-tokens", "4", "--model", tiny_model_dir,
                            "--out", str(tmp / "s.jsonl"), *CPU]),
             ("score.py", ["--samples", str(tmp / "s.jsonl"), "--rm", rm_dir, "--out", str(tmp / "o.jsonl"), *CPU])]
-    env = {k: v for k, v in _env().items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env = {k: v for k, v in _env().items()
+           if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
     proc = subprocess.run([sys.executable, "-c", NO_NETWORK.format(runs=runs)], cwd=repo_root, env=env,
                           capture_output=True, text=True, timeout=180, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]

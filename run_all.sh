@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole DPA loop on the embedded SmolLM2-135M-Instruct, offline, on CPU:
 #   prepare → train_rm → ROUNDS × (sample → score → finetune) → evaluate every policy → steer example.
-# Hardware: 2 CPU cores, ~9 GB RAM (peak 8.4 GB measured); no GPU or network needed. Disk: ~0.6 GB per saved policy under runs/.
-# Time (2 cores): default ≈ 27 min (24 min 8 s measured before the RSF-only evaluation was added, ≈ 110 s more);
+# Hardware: 2 CPU cores, ~10 GB RAM (peak 9.4 GB measured); no GPU or network needed. Disk: ~0.6 GB per saved policy under runs/.
+# Time (2 cores): default ≈ 30 min (30 min 11 s measured with other jobs sharing the cores);
 #   SMOKE=1 ≈ 2-3 min (tiny sizes: proves the plumbing, not the method).
 # Usage: bash run_all.sh            RECIPE=paper bash run_all.sh            SMOKE=1 bash run_all.sh
 #        PREF=rpo_paired OUT=runs/rpo bash run_all.sh     (the preference step after RSF: RPO instead of DPO)

@@ -442,6 +442,14 @@ def rm_text(tokenizer, prompt, response, template="chat"):
     return tokenizer.apply_chat_template(msgs, tokenize=False).rstrip("\n")
 
 
+def rm_prompt_text(tokenizer, prompt, template="chat"):
+    """The start of rm_text(...) that ends with the user turn: the conversation rendered without the assistant turn.
+    Its last token is where a gated RM reads the prompt feature (ArmoRM stage 2, dpa_armo.md §2.2)."""
+    if template == "dpa":
+        return DPA_RM_TEMPLATE[:DPA_RM_TEMPLATE.index("{prompt}")] + prompt
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False).rstrip("\n")
+
+
 def reward_forward(model, input_ids, attention_mask):
     """Multi-objective reward of a right-padded batch: bias-free linear head on the final-layer hidden state of the
     last real token (dpa_armo.md §1.2, §3). model: an AutoModelForSequenceClassification. → (B, K) fp32."""

@@ -13,7 +13,7 @@ from common import read_jsonl
 
 def test_smoke_run_all(repo_root, smollm2_dir, tmp_path):
     env = dict(os.environ, SMOKE="1", OUT=str(tmp_path / "demo"), PY=sys.executable, HF_HUB_OFFLINE="1")
-    proc = subprocess.run(["bash", "run_all.sh"], cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(["bash", "run_all.sh"], cwd=repo_root, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "smoke"
     # one table row per (policy, angle): the base policy, its best-of-6 reranking by vᵀr, round 1 after hindsight RSF

@@ -17,6 +17,7 @@ starting policy). Pairs come from the scores:
 reads  scored JSONL (score.py)      writes a save_pretrained folder + meta.json (+ the training rows as JSONL)
 
     python finetune.py --scored runs/demo/scored.jsonl --select hindsight --out runs/demo/policy-1
+    torchrun --nproc_per_node=8 finetune.py --fsdp ...    # 8 devices: DDP, or FSDP2 with --fsdp (README)
 """
 import argparse
 import json
@@ -31,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import (ATTRIBUTES, DEFAULT_MODEL, DataError, best_of_n, chat_messages, degree_to_vector,
-                    directional_reward, read_jsonl, resolve_model, setup, write_jsonl)
+from common import (ATTRIBUTES, DEFAULT_MODEL, DataError, all_mean, best_of_n, chat_messages, degree_to_vector,
+                    directional_reward, dist_setup, grad_sync, is_main, parallelize, read_jsonl, resolve_model,
+                    save_model, setup, write_jsonl)
 
 
 # ----------------------------------------------------------------------------- selection
@@ -177,9 +179,11 @@ def main():
     p.add_argument("--init", default=DEFAULT_MODEL, help="policy to start from (and DPO reference)")
     p.add_argument("--freeze-layers", type=int, default=0,
                    help="freeze the lowest N decoder layers (the embeddings, tied to the LM head, always stay frozen)")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP2 instead of DDP")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (pays on GPU)")
     # Optimization
     p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=8, help="rows (sft) or pairs (dpo) per micro-batch")
+    p.add_argument("--batch-size", type=int, default=8, help="rows (sft) or pairs (dpo) per micro-batch and rank")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--warmup", type=int, default=5)
@@ -193,7 +197,8 @@ def main():
     p.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps (0 = run all epochs)")
     args = p.parse_args()
 
-    device, dtype, autocast = setup(args.seed, args.device, args.dtype)
+    rank, world, device = dist_setup(args.device)  # torchrun: one process per device; else (0, 1, device)
+    device, dtype, autocast = setup(args.seed, device, args.dtype)
     lines, records = read_jsonl(args.scored, required=("id", "prompt_id", "prompt", "degree", "response"),
                                 with_lines=True)
     rewards = reward_matrix(records, args.scored, lines)
@@ -209,6 +214,7 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)  # fp32 master weights
     for m in [model.model.embed_tokens, *model.model.layers[:args.freeze_layers]]:
         m.requires_grad_(False)
+    fwd = parallelize(model, token_logps, args.fsdp, args.compile, dtype)  # DDP/FSDP2 under torchrun, else plain
     if args.loss == "sft":
         data = [[encode(tok, r["prompt"], r["degree"], r["response"], r["truncated"], args.max_len)] for r in rows]
     else:
@@ -221,16 +227,17 @@ def main():
         seqs = [data[i][0] for i in idx] + ([data[i][1] for i in idx] if args.loss == "dpo" else [])
         ids, attn, lmask = (x.to(device) for x in collate(seqs, tok.pad_token_id))
         with autocast():
-            logp, row = token_logps(model, ids, attn, lmask)
+            logp, row = fwd(ids, attn, lmask)
         seq = torch.zeros(len(seqs), device=device).index_add_(0, row, logp)  # (S,)
         chosen_tok = row < len(idx)
         return seq, -logp[chosen_tok].mean()
 
     rng = random.Random(args.seed)
-    per_step = args.batch_size * args.grad_accum
+    per_step = args.batch_size * args.grad_accum * world  # the global batch: every rank takes its own micro-batches
     total = max(1, int(args.epochs * math.ceil(len(data) / per_step)))
     total = min(total, args.max_steps) if args.max_steps else total
-    plan = plan_batches([r["group"] for r in rows], args.batch_size, total * args.grad_accum, rng)
+    plan = plan_batches([r["group"] for r in rows], args.batch_size, total * args.grad_accum * world, rng)
+    plan = plan[rank::world]  # whole micro-batches per rank: a prompt's mirrored pairs stay together
     ref = []
     if args.loss == "dpo":  # reference log-probs before the policy moves (the reference is the start point), computed
         model.eval()        # on the very micro-batches training will use, so padding and kernels match: margin 0 at step 1
@@ -239,7 +246,8 @@ def main():
     model.train()
 
     params = [q for q in model.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0,
+                            fused=device.startswith("cuda") or None)
     print(f"finetune: {args.loss} on {len(data)} {'rows' if args.loss == 'sft' else 'pairs'} | {total} steps | "
           f"{sum(q.numel() for q in params) / 1e6:.1f}M trainable | {device} {dtype}")
     t0, log = time.time(), []
@@ -251,6 +259,7 @@ def main():
         stats = defaultdict(float)
         # ---------------- TRAINING STEP BEGIN
         for micro in range(step * args.grad_accum, (step + 1) * args.grad_accum):
+            grad_sync(fwd, micro == (step + 1) * args.grad_accum - 1)  # ranks reduce gradients once per step
             seq, nll = forward(plan[micro])
             if args.loss == "sft":
                 loss = nll
@@ -266,15 +275,15 @@ def main():
         opt.step()
         opt.zero_grad(set_to_none=True)
         # ---------------- TRAINING STEP END
-        stats = dict(stats, step=step + 1, lr=lr, seconds=round(time.time() - t1, 2))
+        stats = dict(all_mean(stats), step=step + 1, lr=lr, seconds=round(time.time() - t1, 2))  # global batch
         log.append(stats)
         extra = f" | margin {stats['margin']:.2f} | acc {stats['acc']:.2f}" if args.loss == "dpo" else ""
         print(f"step {step + 1}/{total} | loss {stats['loss']:.4f}{extra} | lr {lr:.1e} | {stats['seconds']:.1f}s",
               flush=True)
 
-    os.makedirs(args.out, exist_ok=True)
-    model.save_pretrained(args.out)
-    tok.save_pretrained(args.out)
+    save_model(model, tok, args.out)  # every rank (FSDP2 gathers the shards); rank 0 writes
+    if not is_main():
+        return
     write_jsonl(os.path.join(args.out, "train_rows.jsonl"), rows)
     with open(os.path.join(args.out, "meta.json"), "w") as f:
         json.dump({"init": args.init, "loss": args.loss, "rows": len(rows), "steps": total,

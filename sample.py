@@ -11,19 +11,25 @@ writes samples JSONL   one record per response (schema in README): id, prompt_id
                        response, n_tokens, truncated, model, seed, gen
 
     python sample.py --prompts data/prompts_train.jsonl --out runs/demo/samples.jsonl --n 2 --hints plain,brief,detail
+
+Several devices: `torchrun --nproc_per_node=8 sample.py ...` (each rank draws every 8th batch, rank 0 writes OUT);
+several machines: `sample.py ... --shard i/N` per job, then `sample.py ... --merge N` with the same flags. Each
+batch's seed depends on its global index only, so OUT is the same file a single process writes.
 """
 import argparse
 import json
 import os
 import random
 import time
+from contextlib import nullcontext
 
 import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import (DEFAULT_MODEL, SCHEMA_VERSION, DataError, chat_messages, check_output, degree_to_vector,
-                    read_jsonl, resolve_model, setup, vector_to_weights, write_jsonl)
+from common import (DEFAULT_MODEL, SCHEMA_VERSION, DataError, all_mean, chat_messages, check_output, collect_parts,
+                    degree_to_vector, dist_setup, is_main, part_path, read_jsonl, resolve_model, setup, shard,
+                    shard_spec, vector_to_weights, write_jsonl)
 
 HINTS = {"plain": None,
          "brief": "Answer in one or two short sentences.",
@@ -48,10 +54,11 @@ def generate_batch(model, tok, jobs, args, device):
     """Left-padded batched sampling; returns (response text, new-token count, truncated) per job."""
     texts = [tok.apply_chat_template(chat_messages(j["prompt"], j["degree"], HINTS[j["hint"]]),
                                      tokenize=False, add_generation_prompt=True) for j in jobs]
-    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False,  # static cache: few distinct shapes
+              pad_to_multiple_of=64 if args.static_cache else None).to(device)
     out = model.generate(**enc, do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
                          max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id)
+                         eos_token_id=tok.eos_token_id, cache_implementation="static" if args.static_cache else None)
     new = out[:, enc["input_ids"].shape[1]:]  # (B, <= max_new_tokens)
     results = []
     for row in new.tolist():
@@ -76,15 +83,22 @@ def main():
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=192)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--static-cache", action="store_true",
+                   help="preallocated KV cache; on CUDA transformers then compiles the decoding step (pays for long "
+                        "generations at small batch); prompts are padded to a multiple of 64 tokens to reuse it")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=0)
     # Output
     p.add_argument("--out", required=True, help="samples JSONL (written atomically; resumes from OUT.partial)")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--shard", default="", help="i/N: draw only part i of N (a job of a job array) → OUT.part-i-of-N")
+    p.add_argument("--merge", type=int, default=0, help="N: join the N parts (made with the same flags) into OUT")
     args = p.parse_args()
 
-    device, dtype, _ = setup(args.seed, args.device, args.dtype)
+    _, world, device = dist_setup(args.device)  # torchrun: one process per device; else (0, 1, device)
+    device, dtype, _ = setup(args.seed, device, args.dtype)
+    part = shard_spec(args.shard, args.merge)  # (i, n, how): which batches this process draws
     check_output(args.out, args.overwrite, [args.prompts])
     hints = args.hints.split(",")
     for h in hints:
@@ -104,18 +118,20 @@ def main():
     path = resolve_model(args.model)
     tok = AutoTokenizer.from_pretrained(path)
     tok.padding_side = "left"  # batched generation continues every row from its last real token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval() if part[2] != "merge" else None
 
     jobs = make_jobs(prompts, args.n, hints, degrees, tuple(args.degree_range), args.seed)
     # length-sorted batches waste less padding; each batch gets its own seed, so a resumed run draws the same samples
     order = sorted(range(len(jobs)), key=lambda i: len(jobs[i]["prompt"]))
     batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
-    partial = args.out + ".partial"
+    mine = shard(range(len(batches)), part[0], part[1])  # batch b goes to part b % n (all of them in one process)
+    partial = (args.out if part[2] == "all" else part_path(args.out, part[0], part[1])) + ".partial"
     done = {r["id"]: r for r in read_jsonl(partial)} if os.path.exists(partial) and not args.overwrite else {}
     gen = {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}
     t0, n_tok = time.time(), 0
-    with open(partial, "a" if done else "w", encoding="utf-8") as f:
-        for b, batch in enumerate(tqdm(batches, desc="sample", unit="batch")):
+    with open(partial, "a" if done else "w", encoding="utf-8") if mine else nullcontext() as f:
+        for b in tqdm(mine, desc="sample", unit="batch", disable=not is_main()):
+            batch = batches[b]
             if all(jobs[i]["id"] in done for i in batch):
                 continue
             torch.manual_seed(args.seed * 100_003 + b)
@@ -133,9 +149,22 @@ def main():
             f.flush()
             os.fsync(f.fileno())
 
-    records = [done[j["id"]] for j in jobs]  # input order, whatever order the batches ran in
+    n_tok = all_mean(n_tok) * world  # new tokens of all ranks
+    # input order, whatever order (and on whichever rank or job) the batches ran
+    records = collect_parts([(i, done[jobs[i]["id"]]) for b in mine for i in batches[b]], len(jobs), args.out, part)
+    if records is None:  # a --shard job (its part is written) or a rank > 0 (its records went to rank 0)
+        if mine:
+            os.remove(partial)
+        print(f"sample: part {part[0]}/{part[1]} → {part_path(args.out, part[0], part[1])}")
+        return
+    if [(r["id"], r["gen"], r["model"]) for r in records] != [(j["id"], gen, args.model) for j in jobs]:
+        raise DataError(f"{args.out}: the parts hold other records than these flags make: merge with the same flags")
     write_jsonl(args.out, records)
-    os.remove(partial)
+    if mine:
+        os.remove(partial)
+    if part[2] == "merge":
+        for i in range(part[1]):
+            os.remove(part_path(args.out, i, part[1]))
     dt = time.time() - t0
     trunc = sum(r["truncated"] for r in records) / max(1, len(records))
     mean_len = sum(r["n_tokens"] for r in records) / max(1, len(records))

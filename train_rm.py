@@ -9,6 +9,7 @@ reads  JSONL {prompt, response, labels: {attribute: 0-100 or null}}     (data/rm
 writes an AutoModelForSequenceClassification folder + meta.json + eval.json (held-out MSE and Pearson per attribute)
 
     python train_rm.py --data data/rm_train.jsonl --out runs/demo/rm
+    torchrun --nproc_per_node=8 train_rm.py --fsdp ...    # 8 devices: DDP, or FSDP2 with --fsdp (README)
 """
 import argparse
 import itertools
@@ -22,8 +23,9 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from common import (ATTRIBUTES, DEFAULT_MODEL, HELPFULNESS, VERBOSITY, DataError, read_jsonl, resolve_model,
-                    reward_forward, rm_text, setup)
+from common import (ATTRIBUTES, DEFAULT_MODEL, HELPFULNESS, VERBOSITY, DataError, all_gather, all_mean, dist_setup,
+                    grad_sync, is_main, parallelize, rank_world, read_jsonl, resolve_model, reward_forward, rm_text,
+                    save_model, setup, shard)
 
 
 def masked_mse(pred, target, mask):
@@ -80,15 +82,22 @@ def batches(rows, tok, batch_size, max_len, template, shuffle, rng):
 
 
 @torch.no_grad()
-def evaluate(model, rows, tok, args, device, autocast):
-    model.eval()
+def evaluate(fwd, rows, tok, args, device, autocast):
+    """Held-out MSE and Pearson per attribute. fwd: reward_forward as parallelize() returns it. Under torchrun each
+    rank scores every world-th row (padded with unlabelled rows, so all ranks run the same batches) and the ranks
+    pool their predictions."""
+    fwd.eval()
+    rank, world = rank_world()
+    mine = shard(rows, rank, world)
+    mine += [(*rows[0][:3], np.zeros_like(rows[0][3]), None)] * (-(-len(rows) // world) - len(mine))  # mask 0: no say
     preds, targets, masks = [], [], []
-    for enc, t, m in batches(rows, tok, args.batch_size * 2, args.max_len, args.template, False, None):
+    for enc, t, m in batches(mine, tok, args.batch_size * 2, args.max_len, args.template, False, None):
         with autocast():
-            preds.append(reward_forward(model, enc["input_ids"].to(device), enc["attention_mask"].to(device)).cpu())
+            preds.append(fwd(enc["input_ids"].to(device), enc["attention_mask"].to(device)).cpu())
         targets.append(t), masks.append(m)
-    model.train()
-    p, t, m = torch.cat(preds).numpy(), torch.cat(targets).numpy() * 100, torch.cat(masks).numpy()  # 0-100 scale
+    fwd.train()
+    p, t, m = (np.concatenate([a for part in all_gather(x) for a in part]) for x in (preds, targets, masks))
+    t = t * 100  # 0-100 scale
     out = {}
     for k, a in enumerate(args.attributes):
         sel = m[:, k] > 0
@@ -109,9 +118,11 @@ def main():
     # Model
     p.add_argument("--backbone", default=DEFAULT_MODEL, help="embedded default, local folder or hub id")
     p.add_argument("--freeze-layers", type=int, default=0, help="freeze embeddings and the lowest N decoder layers")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP2 instead of DDP")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (pays on GPU)")
     # Optimization
     p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="rows per micro-batch and rank")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=3e-5, help="backbone learning rate")
     p.add_argument("--head-lr", type=float, default=1e-3, help="learning rate of the linear head")
@@ -125,7 +136,8 @@ def main():
     args = p.parse_args()
     args.attributes = ATTRIBUTES
 
-    device, dtype, autocast = setup(args.seed, args.device, args.dtype)
+    rank, world, device = dist_setup(args.device)  # torchrun: one process per device; else (0, 1, device)
+    device, dtype, autocast = setup(args.seed, device, args.dtype)
     rows = load_rows(args.data, args.attributes)
     rng = random.Random(args.seed)
     groups = sorted({r[4] for r in rows})
@@ -151,12 +163,13 @@ def main():
     for m in frozen:
         m.requires_grad_(False)
     model.to(device).train()
+    fwd = parallelize(model, reward_forward, args.fsdp, args.compile, dtype)  # DDP/FSDP2 under torchrun, else plain
     head = list(model.score.parameters())
     body = [q for n, q in model.named_parameters() if q.requires_grad and not n.startswith("score.")]
     opt = torch.optim.AdamW([{"params": body, "lr": args.lr, "base": args.lr},
                              {"params": head, "lr": args.head_lr, "base": args.head_lr}],
-                            betas=(0.9, 0.95), weight_decay=0.0)
-    steps_per_epoch = math.ceil(len(train) / (args.batch_size * args.grad_accum))
+                            betas=(0.9, 0.95), weight_decay=0.0, fused=device.startswith("cuda") or None)
+    steps_per_epoch = math.ceil(len(train) / (args.batch_size * args.grad_accum * world))  # global batch
     total = max(1, int(args.epochs * steps_per_epoch))
     total = min(total, args.max_steps) if args.max_steps else total
     print(f"train_rm: {len(train)} train / {len(val)} val rows | {total} steps | {sum(q.numel() for q in body) / 1e6:.1f}M "
@@ -165,15 +178,17 @@ def main():
     step, t0 = 0, time.time()
     stream = (b for _ in itertools.count()  # epochs end where `total` says; the stream never runs dry
               for b in batches(train, tok, args.batch_size, args.max_len, args.template, True, rng))
+    stream = itertools.islice(stream, rank, None, world)  # rank r takes micro-batches r, r + world, ...
     while step < total:
         t1 = time.time()
         for g in opt.param_groups:
             g["lr"] = get_lr(step, total, args.warmup, g["base"])
         # ---------------- TRAINING STEP BEGIN
-        for _ in range(args.grad_accum):
+        for k in range(args.grad_accum):
+            grad_sync(fwd, k == args.grad_accum - 1)  # ranks reduce gradients once per step
             enc, target, mask = next(stream)
             with autocast():
-                pred = reward_forward(model, enc["input_ids"].to(device), enc["attention_mask"].to(device))
+                pred = fwd(enc["input_ids"].to(device), enc["attention_mask"].to(device))
             loss = masked_mse(pred, target.to(device), mask.to(device)) / args.grad_accum
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -181,18 +196,18 @@ def main():
         opt.zero_grad(set_to_none=True)
         # ---------------- TRAINING STEP END
         step += 1
-        print(f"step {step}/{total} | mse {loss.item() * args.grad_accum * 1e4:.1f} (0-100 scale) | "
+        print(f"step {step}/{total} | mse {all_mean(loss.item()) * args.grad_accum * 1e4:.1f} (0-100 scale) | "
               f"lr {opt.param_groups[0]['lr']:.1e} | {time.time() - t1:.1f}s", flush=True)
 
     with torch.no_grad():
         model.score.weight.mul_(100.0)  # predictions on the 0-100 scale
-    metrics = evaluate(model, val, tok, args, device, autocast) if val else {}
+    metrics = evaluate(fwd, val, tok, args, device, autocast) if val else {}
     for a, m in metrics.items():
         print(f"  {a:38s} mse {m['mse']:7.1f}  pearson {m['pearson'] if m['pearson'] is not None else float('nan'):.3f}"
               f"  (n={m['n']})")
-    os.makedirs(args.out, exist_ok=True)
-    model.save_pretrained(args.out)
-    tok.save_pretrained(args.out)
+    save_model(model, tok, args.out)  # every rank (FSDP2 gathers the shards); rank 0 writes
+    if not is_main():
+        return
     meta = {"attributes": args.attributes, "scale": [0, 100], "template": args.template, "helpfulness": HELPFULNESS,
             "verbosity": VERBOSITY, "backbone": args.backbone, "steps": total, "seconds": round(time.time() - t0, 1),
             "args": {k: v for k, v in vars(args).items() if k != "attributes"}, "eval": metrics}

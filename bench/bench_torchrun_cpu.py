@@ -6,7 +6,7 @@ The rows are the demo RM set's real answers (data/rm_train.jsonl), labels used a
 ranks share the cores one process had, so this measures the cost of the torch.distributed path (gradient all-reduce,
 one model copy per rank), not a speed-up; on N devices each rank brings its own.
 
-    flock /tmp/heavy.lock python bench/bench_torchrun_cpu.py          # ≈ 4 min on 2 cores; → runs/bench_torchrun_cpu.json
+    flock /tmp/heavy.lock python bench/bench_torchrun_cpu.py --steps 9   # ≈ 2 min on 2 cores; → runs/bench_torchrun_cpu.json
 """
 import argparse
 import json

@@ -76,10 +76,11 @@ def generate_batch(model, tok, jobs, args, device):
     """Left-padded batched sampling; returns (response text, new-token count, truncated) per job."""
     texts = [tok.apply_chat_template(chat_messages(j["prompt"], j["degree"], HINTS[j["hint"]]),
                                      tokenize=False, add_generation_prompt=True) for j in jobs]
-    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False,  # static cache: few distinct shapes
+              pad_to_multiple_of=64 if args.static_cache else None).to(device)
     out = model.generate(**enc, do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
                          max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id)
+                         eos_token_id=tok.eos_token_id, cache_implementation="static" if args.static_cache else None)
     new = out[:, enc["input_ids"].shape[1]:]  # (B, <= max_new_tokens)
     results = []
     for row in new.tolist():
@@ -105,6 +106,9 @@ def main(argv=None):
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=192)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--static-cache", action="store_true",
+                   help="preallocated KV cache; on CUDA transformers then compiles the decoding step (pays for long "
+                        "generations at small batch); prompts are padded to a multiple of 64 tokens to reuse it")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=0)
@@ -156,7 +160,7 @@ def main(argv=None):
         check_context(tok, model, jobs, dict(zip((r["id"] for r in prompts), lines)), args)
         job = {"prompts": file_digest(args.prompts), "limit": args.limit, "degrees": degrees, "hints": hints,
                "degree_range": args.degree_range, "n": args.n, "model": args.model, "model_files": model_stamp(path),
-               "gen": gen, "batch_size": args.batch_size, "device": device, "dtype": str(dtype), "seed": args.seed,
+               "gen": gen, "batch_size": args.batch_size, "static_cache": args.static_cache, "device": device, "dtype": str(dtype), "seed": args.seed,
                **({"part": list(part[:2])} if part[2] != "all" else {})}
         finished, append = open_partial(partial, job, args.overwrite)
         done = {r["id"]: r for r in finished}

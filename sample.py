@@ -13,6 +13,11 @@ Finished batches are appended to OUT.partial as they come; an interrupted run (e
 the same bytes as an uninterrupted one (each batch has its own seed).
 
     python sample.py --prompts data/prompts_train.jsonl --out runs/demo/samples.jsonl --n 2 --hints plain,brief,detail
+
+Several devices: `torchrun --nproc_per_node=8 sample.py ...` (rank r draws batches r, r + 8, ...; rank 0 writes OUT);
+several machines: `sample.py ... --shard i/N` per job (→ OUT.part-i-of-N), then `sample.py ... --merge N` with the same
+flags. A batch's seed depends on its index only, so OUT is the file one process writes. Every rank or job logs its
+own batches to OUT.part-i-of-N.partial and resumes from it.
 """
 import argparse
 import os
@@ -23,9 +28,10 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import (DEFAULT_MODEL, SCHEMA_VERSION, DataError, chat_messages, check_fields,
-                    check_output, check_unique, cli, degree_to_vector, file_digest, model_stamp, open_partial,
-                    parse_degrees, read_jsonl, resolve_model, setup, vector_to_weights, write_jsonl)
+from common import (DEFAULT_MODEL, SCHEMA_VERSION, DataError, all_sum, barrier, chat_messages, check_fields,
+                    check_output, check_unique, cli, collect_parts, degree_to_vector, dist_setup, file_digest,
+                    is_main, model_stamp, open_partial, parse_degrees, part_path, read_jsonl, resolve_model, setup,
+                    shard, shard_spec, vector_to_weights, write_jsonl)
 
 HINTS = {"plain": None,
          "brief": "Answer in one or two short sentences.",
@@ -70,10 +76,11 @@ def generate_batch(model, tok, jobs, args, device):
     """Left-padded batched sampling; returns (response text, new-token count, truncated) per job."""
     texts = [tok.apply_chat_template(chat_messages(j["prompt"], j["degree"], HINTS[j["hint"]]),
                                      tokenize=False, add_generation_prompt=True) for j in jobs]
-    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False,  # static cache: few distinct shapes
+              pad_to_multiple_of=64 if args.static_cache else None).to(device)
     out = model.generate(**enc, do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
                          max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id)
+                         eos_token_id=tok.eos_token_id, cache_implementation="static" if args.static_cache else None)
     new = out[:, enc["input_ids"].shape[1]:]  # (B, <= max_new_tokens)
     results = []
     for row in new.tolist():
@@ -99,17 +106,26 @@ def main(argv=None):
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=192)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--static-cache", action="store_true",
+                   help="preallocated KV cache; on CUDA transformers then compiles the decoding step (pays for long "
+                        "generations at small batch); prompts are padded to a multiple of 64 tokens to reuse it")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=0)
     # Output
     p.add_argument("--out", required=True, help="samples JSONL (written atomically; resumes from OUT.partial)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT and discard OUT.partial: start over")
+    p.add_argument("--shard", default="", help="i/N: draw only part i of N (one job of a job array) → OUT.part-i-of-N")
+    p.add_argument("--merge", type=int, default=0, help="N: join the N parts (made with the same flags) into OUT")
     args = p.parse_args(argv)
 
-    device, dtype, _ = setup(args.seed, args.device, args.dtype)
-    partial = args.out + ".partial"
-    check_output(args.out, args.overwrite, [args.prompts])
+    _, _, device = dist_setup(args.device)  # torchrun: one process per device; else (0, 1, device)
+    device, dtype, _ = setup(args.seed, device, args.dtype)
+    part = shard_spec(args.shard, args.merge)  # (i, n, how): which batches this process draws
+    mine_out = part_path(args.out, *part[:2]) if part[2] == "job" else args.out  # the file this process writes
+    # the log of this process's finished batches: every rank and job keeps its own
+    partial = (part_path(args.out, *part[:2]) if part[2] in ("job", "torchrun") else args.out) + ".partial"
+    check_output(mine_out, args.overwrite, [args.prompts])
     check_output(partial, True, [args.prompts])
     hints = args.hints.split(",")
     for h in hints:
@@ -128,26 +144,30 @@ def main(argv=None):
     if not prompts:
         raise DataError(f"{args.prompts}: no prompts")
 
-    path = resolve_model(args.model, args.trust_remote_code)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-    tok.padding_side = "left"  # batched generation continues every row from its last real token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=args.trust_remote_code)
-    model = model.to(device).eval()
-
     jobs = make_jobs(prompts, args.n, hints, degrees, tuple(args.degree_range), args.seed)
-    check_context(tok, model, jobs, dict(zip((r["id"] for r in prompts), lines)), args)
     # length-sorted batches waste less padding; each batch gets its own seed, so a resumed run draws the same samples
     order = sorted(range(len(jobs)), key=lambda i: len(jobs[i]["prompt"]))
     batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
+    mine = shard(range(len(batches)), *part[:2])  # batch b goes to part b % n (every batch in a single process)
     gen = {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}
-    job = {"prompts": file_digest(args.prompts), "limit": args.limit, "degrees": degrees, "hints": hints,
-           "degree_range": args.degree_range, "n": args.n, "model": args.model, "model_files": model_stamp(path),
-           "gen": gen, "batch_size": args.batch_size, "device": device, "dtype": str(dtype), "seed": args.seed}
-    finished, append = open_partial(partial, job, args.overwrite)
-    done = {r["id"]: r for r in finished}
-    resumed = len(done)
-    t0, n_tok, n_new = time.time(), 0, 0
-    for b, batch in enumerate(tqdm(batches, desc="sample", unit="batch")):
+    done, resumed, t0, n_tok, n_new = {}, 0, time.time(), 0, 0
+    if part[2] != "merge":  # a merge only joins the parts: no model
+        path = resolve_model(args.model, args.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+        tok.padding_side = "left"  # batched generation continues every row from its last real token
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=args.trust_remote_code)
+        model = model.to(device).eval()
+        check_context(tok, model, jobs, dict(zip((r["id"] for r in prompts), lines)), args)
+        job = {"prompts": file_digest(args.prompts), "limit": args.limit, "degrees": degrees, "hints": hints,
+               "degree_range": args.degree_range, "n": args.n, "model": args.model, "model_files": model_stamp(path),
+               "gen": gen, "batch_size": args.batch_size, "static_cache": args.static_cache, "device": device,
+               "dtype": str(dtype), "seed": args.seed,
+               **({"part": list(part[:2])} if part[2] != "all" else {})}
+        finished, append = open_partial(partial, job, args.overwrite)
+        done = {r["id"]: r for r in finished}
+        resumed = len(done)
+    for b in tqdm(mine, desc="sample", unit="batch", disable=not is_main()):
+        batch = batches[b]
         if all(jobs[i]["id"] in done for i in batch):
             continue
         torch.manual_seed(args.seed * 100_003 + b)
@@ -166,16 +186,31 @@ def main(argv=None):
         n_new += len(new)
         append(new)  # one write per finished batch; a torn last line is dropped on resume
 
-    records = [done[j["id"]] for j in jobs]  # input order, whatever order the batches ran in
-    write_jsonl(args.out, records)
+    n_tok, resumed, n_new = (int(all_sum(x)) for x in (n_tok, resumed, n_new))  # every rank's
+    # input order, whatever order (and on whichever rank or job) the batches ran
+    records = collect_parts([(i, done[jobs[i]["id"]]) for b in mine for i in batches[b]], len(jobs), args.out, part)
+    if records is not None:
+        if [(r["id"], r["model"], r["seed"], r["gen"]) for r in records] != [(j["id"], args.model, args.seed, gen)
+                                                                             for j in jobs]:
+            raise DataError(f"{args.out}: the parts hold other samples than these flags draw: merge with the flags "
+                            f"that made them")
+        write_jsonl(args.out, records)
+    barrier()  # under torchrun: OUT is written before any rank drops its log
     if os.path.exists(partial):
         os.remove(partial)
+    if part[2] == "merge":
+        for i in range(part[1]):
+            os.remove(part_path(args.out, i, part[1]))
+    if records is None:  # a --shard job (its part is written) or a rank > 0 (its records went to rank 0)
+        print(f"sample: part {part[0]}/{part[1]}: {sum(len(batches[b]) for b in mine)} responses → {mine_out}")
+        return
     dt = time.time() - t0
     trunc = sum(r["truncated"] for r in records) / max(1, len(records))
     mean_len = sum(r["n_tokens"] for r in records) / max(1, len(records))
     print(f"sample: {len(records)} responses ({len(prompts)} prompts) → {args.out} | mean {mean_len:.0f} tokens | "
           f"truncated {trunc:.0%} | {n_tok / max(dt, 1e-9):.0f} new tok/s | {dt:.0f}s"
-          + (f" | resumed {resumed} from {partial}, drew {n_new}" if resumed else ""))
+          + (f" | resumed {resumed} from {partial}, drew {n_new}" if resumed else "")
+          + (f" | merged {part[1]} parts" if part[2] == "merge" else ""))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,11 @@ it and writes the same bytes as an uninterrupted one. Empty answers are scored l
 outputs) and counted.
 
     python score.py --samples runs/demo/samples.jsonl --rm runs/demo/rm --out runs/demo/scored.jsonl
+
+Several devices: `torchrun --nproc_per_node=8 score.py ...` (rank r scores batches r, r + 8, ...; rank 0 writes OUT);
+several machines: `score.py ... --shard i/N` per job (→ OUT.part-i-of-N), then `score.py ... --merge N` with the same
+flags. Batches are planned over the whole input and dealt out, so OUT is the file one process writes. Every rank or
+job logs its own batches to OUT.part-i-of-N.partial and resumes from it. --judge runs where OUT is written.
 """
 import argparse
 import json
@@ -33,8 +38,9 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-from common import (ATTRIBUTES, HELPFULNESS, VERBOSITY, DataError, check_fields, check_output, check_unique, cli,
-                    file_digest, model_stamp, open_partial, read_jsonl, resolve_model, reward_forward, rm_text, setup,
+from common import (ATTRIBUTES, HELPFULNESS, VERBOSITY, DataError, all_sum, barrier, check_fields, check_output,
+                    check_unique, cli, collect_parts, dist_setup, file_digest, is_main, model_stamp, open_partial,
+                    part_path, read_jsonl, resolve_model, reward_forward, rm_text, setup, shard, shard_spec,
                     write_jsonl)
 from train_rm import ARMO_FILE, compute_features, encode_items, load_armo
 
@@ -54,16 +60,17 @@ def attribute_names(k, meta, config):
     return {10: ATTRIBUTES, 19: ARMO_OBJECTIVES}.get(k, [f"objective-{i}" for i in range(k)])
 
 
-def run_batches(n, keys, batch_size, compute, done=None, on_batch=None):
+def run_batches(n, keys, batch_size, compute, done=None, on_batch=None, part=(0, 1)):
     """The batching and resume logic shared by every RM format. Items are ordered by keys (longest first: peak memory
     shows up at once) and cut into batches; compute(indices) → {name: [value per index]}.
     done: {index: {name: value}} finished by an interrupted run (batches it covers are skipped); on_batch(indices,
     rows) runs after each computed batch with rows = [{name: value}] (score.py appends them to OUT.partial).
+    part (i, n): only batches i, i + n, ... (a rank's or a job's share); the other items stay None.
     → {name: [value per item]} in input order."""
     done = done or {}
     order = sorted(range(n), key=lambda i: -keys[i])
     out = {}
-    for i in tqdm(range(0, len(order), batch_size), desc="score", unit="batch"):
+    for i in tqdm(shard(range(0, len(order), batch_size), *part), desc="score", unit="batch", disable=not is_main()):
         idx = order[i:i + batch_size]
         if all(j in done for j in idx):
             rows = [done[j] for j in idx]
@@ -79,14 +86,14 @@ def run_batches(n, keys, batch_size, compute, done=None, on_batch=None):
 
 
 @torch.no_grad()
-def score_texts(forward, tok, texts, batch_size, max_len, device, done=None, on_batch=None):
+def score_texts(forward, tok, texts, batch_size, max_len, device, done=None, on_batch=None, part=(0, 1)):
     """Run forward(input_ids, attention_mask) → {name: (B, ...) tensor} over RM input texts in length-sorted,
     right-padded batches. → {name: [value per text]} in input order. done / on_batch: resume hooks (run_batches)."""
     def compute(idx):
         enc = tok([texts[j] for j in idx], return_tensors="pt", padding=True, truncation=True, max_length=max_len,
                   add_special_tokens=False).to(device)
         return {name: v.float().tolist() for name, v in forward(enc["input_ids"], enc["attention_mask"]).items()}
-    return run_batches(len(texts), [len(t) for t in texts], batch_size, compute, done, on_batch)
+    return run_batches(len(texts), [len(t) for t in texts], batch_size, compute, done, on_batch, part)
 
 
 def check_lengths(tok, texts, records, lines, args, template):
@@ -111,7 +118,7 @@ def load_armo_scorer(args, device, dtype):
     template = meta["template"] if args.template == "auto" else args.template
 
     @torch.no_grad()
-    def scorer(prompts, responses, where, done=None, on_batch=None):
+    def scorer(prompts, responses, where, done=None, on_batch=None, part=(0, 1)):
         encoded = encode_items(tok, list(zip(prompts, responses)), template, args.max_len)
         if head.gate is not None:
             bad = [w for w, e in zip(where, encoded) if e[1] < 0]
@@ -127,7 +134,8 @@ def load_armo_scorer(args, device, dtype):
             if gating is not None:
                 out.update(gating=gating.tolist(), score=score.tolist())
             return out
-        return run_batches(len(encoded), [len(e[0]) for e in encoded], args.batch_size, compute, done, on_batch)
+        return run_batches(len(encoded), [len(e[0]) for e in encoded], args.batch_size, compute, done, on_batch,
+                           part)
     return meta.get("method", "probe"), meta["attributes"], template, scorer, tok, args.rm
 
 
@@ -172,9 +180,9 @@ def load_hf_scorer(args, device, dtype):
             res["score"] = out.score.reshape(len(input_ids)) * scale
         return res
 
-    def scorer(prompts, responses, where, done=None, on_batch=None):
+    def scorer(prompts, responses, where, done=None, on_batch=None, part=(0, 1)):
         texts = [rm_text(tok, p, r, template) for p, r in zip(prompts, responses)]
-        return score_texts(forward, tok, texts, args.batch_size, args.max_len, device, done, on_batch)
+        return score_texts(forward, tok, texts, args.batch_size, args.max_len, device, done, on_batch, part)
     kind = "own-code" if own_code else ("released-dpa" if released_dpa else "regression")
     return kind, names, template, scorer, tok, path
 
@@ -197,11 +205,17 @@ def main(argv=None):
     # Output
     p.add_argument("--out", required=True, help="scored JSONL (written atomically; resumes from OUT.partial)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT and discard OUT.partial: start over")
+    p.add_argument("--shard", default="", help="i/N: score only part i of N (one job of a job array) → OUT.part-i-of-N")
+    p.add_argument("--merge", type=int, default=0, help="N: join the N parts (made with the same flags) into OUT")
     args = p.parse_args(argv)
 
-    device, dtype, _ = setup(0, args.device, args.dtype)
-    partial = args.out + ".partial"
-    check_output(args.out, args.overwrite, [args.samples])
+    _, _, device = dist_setup(args.device)  # torchrun: one process per device; else (0, 1, device)
+    device, dtype, _ = setup(0, device, args.dtype)
+    part = shard_spec(args.shard, args.merge)  # (i, n, how): which batches this process scores
+    mine_out = part_path(args.out, *part[:2]) if part[2] == "job" else args.out  # the file this process writes
+    # the log of this process's finished batches: every rank and job keeps its own
+    partial = (part_path(args.out, *part[:2]) if part[2] in ("job", "torchrun") else args.out) + ".partial"
+    check_output(mine_out, args.overwrite, [args.samples])
     check_output(partial, True, [args.samples])
     lines, records = read_jsonl(args.samples, required=("prompt", "response"), with_lines=True)
     for i, r in zip(lines, records):
@@ -210,60 +224,79 @@ def main(argv=None):
     if not records:
         raise DataError(f"{args.samples}: no records to score")
 
-    armo = os.path.isdir(args.rm) and os.path.exists(os.path.join(args.rm, ARMO_FILE))
-    kind, names, template, scorer, tok, path = (load_armo_scorer if armo else load_hf_scorer)(args, device, dtype)
-    missing = {HELPFULNESS, VERBOSITY} - set(names)
-    if missing:
-        raise SystemExit(f"error: reward model {args.rm} has no {sorted(missing)} output: DPA needs both "
-                         f"(its attributes: {names})")
-    print(f"score: {kind} reward model {args.rm} | {len(names)} attributes | template {template}")
+    t0, mine, done, n_new, n_cut = time.time(), [], {}, 0, 0
+    if part[2] != "merge":  # a merge only joins the parts: no model
+        armo = os.path.isdir(args.rm) and os.path.exists(os.path.join(args.rm, ARMO_FILE))
+        kind, names, template, scorer, tok, path = (load_armo_scorer if armo else load_hf_scorer)(args, device, dtype)
+        missing = {HELPFULNESS, VERBOSITY} - set(names)
+        if missing:
+            raise SystemExit(f"error: reward model {args.rm} has no {sorted(missing)} output: DPA needs both "
+                             f"(its attributes: {names})")
+        print(f"score: {kind} reward model {args.rm} | {len(names)} attributes | template {template}")
 
-    t0 = time.time()
-    texts = [rm_text(tok, r["prompt"], r["response"], template) for r in records]
-    n_cut = check_lengths(tok, texts, records, lines, args, template)
-    job = {"samples": file_digest(args.samples), "rm": args.rm, "rm_files": model_stamp(path), "kind": kind,
-           "template": template, "reward_scale": args.reward_scale, "max_len": args.max_len,
-           "batch_size": args.batch_size, "device": device, "dtype": str(dtype)}
-    finished, append = open_partial(partial, job, args.overwrite)
-    done = {k: row for e in finished for k, row in zip(e["index"], e["rows"])}
-    n_new = 0
+        t0 = time.time()
+        texts = [rm_text(tok, r["prompt"], r["response"], template) for r in records]
+        n_cut = check_lengths(tok, texts, records, lines, args, template)
+        job = {"samples": file_digest(args.samples), "rm": args.rm, "rm_files": model_stamp(path), "kind": kind,
+               "template": template, "reward_scale": args.reward_scale, "max_len": args.max_len,
+               "batch_size": args.batch_size, "device": device, "dtype": str(dtype),
+               **({"part": list(part[:2])} if part[2] != "all" else {})}
+        finished, append = open_partial(partial, job, args.overwrite)
+        done = {k: row for e in finished for k, row in zip(e["index"], e["rows"])}
 
-    def on_batch(idx, rows):  # rows: [{rewards [, gating, score]}], every output the final records carry
-        nonlocal n_new
-        for j, row in zip(idx, rows):
-            values = [x for v in row.values() for x in (v if isinstance(v, list) else [v])]
-            if not all(math.isfinite(x) for x in values):
-                raise DataError(f"{args.samples}:{lines[j]}: the reward model gave non-finite rewards {row} "
-                                f"(broken weights or fp16 overflow? try --dtype float32)")
-        append([{"index": idx, "rows": rows}])
-        n_new += len(rows)
-    res = scorer([r["prompt"] for r in records], [r["response"] for r in records],
-                 [f"{args.samples}:{i}" for i in lines], done, on_batch)
-    judged = None
-    if args.judge:
-        from judge import Judge
-        judged = Judge(device).rate([r["prompt"] for r in records], [r["response"] for r in records],
-                                    [r.get("truncated", False) for r in records])
-    for k, r in enumerate(records):
-        r["rewards"] = {a: round(v, 3) for a, v in zip(names, res["rewards"][k])}
-        r["rm"] = args.rm
-        if "score" in res:
-            r["score"] = round(res["score"][k], 4)
-        if "gating" in res:
-            r["gating"] = {a: round(v, 5) for a, v in zip(names, res["gating"][k])}
-        if judged is not None:
-            r["judge"] = {a: round(float(v), 3) for a, v in zip(ATTRIBUTES, judged[k]) if v == v}
-    write_jsonl(args.out, records)
+        def on_batch(idx, rows):  # rows: [{rewards [, gating, score]}], every output the final records carry
+            nonlocal n_new
+            for j, row in zip(idx, rows):
+                values = [x for v in row.values() for x in (v if isinstance(v, list) else [v])]
+                if not all(math.isfinite(x) for x in values):
+                    raise DataError(f"{args.samples}:{lines[j]}: the reward model gave non-finite rewards {row} "
+                                    f"(broken weights or fp16 overflow? try --dtype float32)")
+            append([{"index": idx, "rows": rows}])
+            n_new += len(rows)
+        res = scorer([r["prompt"] for r in records], [r["response"] for r in records],
+                     [f"{args.samples}:{i}" for i in lines], done, on_batch, part[:2])
+        for k, r in enumerate(records):
+            if res.get("rewards", [None] * len(records))[k] is None:
+                continue  # another rank's or job's record
+            r = dict(r, rewards={a: round(v, 3) for a, v in zip(names, res["rewards"][k])}, rm=args.rm)
+            if "score" in res:
+                r["score"] = round(res["score"][k], 4)
+            if "gating" in res:
+                r["gating"] = {a: round(v, 5) for a, v in zip(names, res["gating"][k])}
+            mine.append((k, r))
+    resumed, n_new = (int(all_sum(x)) for x in (len(done), n_new))  # every rank's
+    scored = collect_parts(mine, len(records), args.out, part)  # input order, from every rank or job
+    if scored is not None:
+        ours = ("rewards", "rm", "score", "gating", "judge")  # the fields this stage writes
+        if any({k: v for k, v in s.items() if k not in ours} != {k: v for k, v in r.items() if k not in ours}
+               or s["rm"] != args.rm for r, s in zip(records, scored)):
+            raise DataError(f"{args.out}: the parts hold other records than {args.samples} scored by {args.rm}: "
+                            f"merge with the flags that made them")
+        records = scored
+        if args.judge:  # after the merge: the judge sees every record, as in a single process
+            from judge import Judge
+            judged = Judge(device).rate([r["prompt"] for r in records], [r["response"] for r in records],
+                                        [r.get("truncated", False) for r in records])
+            for r, j in zip(records, judged):
+                r["judge"] = {a: round(float(v), 3) for a, v in zip(ATTRIBUTES, j) if v == v}
+        write_jsonl(args.out, records)
+    barrier()  # under torchrun: OUT is written before any rank drops its log
     if os.path.exists(partial):
         os.remove(partial)
+    if part[2] == "merge":
+        for i in range(part[1]):
+            os.remove(part_path(args.out, i, part[1]))
+    if scored is None:  # a --shard job (its part is written) or a rank > 0 (its records went to rank 0)
+        print(f"score: part {part[0]}/{part[1]}: {len(mine)} responses → {mine_out}")
+        return
     dt = time.time() - t0
     h = sum(r["rewards"][HELPFULNESS] for r in records) / max(1, len(records))
     v = sum(r["rewards"][VERBOSITY] for r in records) / max(1, len(records))
     n_empty = sum(not r["response"].strip() for r in records)
     print(f"score: {len(records)} responses → {args.out} | mean helpfulness {h:.1f} verbosity {v:.1f} | "
           f"{len(records) / max(dt, 1e-9):.1f} responses/s | {dt:.0f}s | {n_empty} empty | {n_cut} cut at --max-len"
-          + (f" | resumed {len(done)} from {partial}, scored {n_new}" if done else ""))
-
+          + (f" | resumed {resumed} from {partial}, scored {n_new}" if resumed else "")
+          + (f" | merged {part[1]} parts" if part[2] == "merge" else ""))
 
 if __name__ == "__main__":
     cli(main)

@@ -25,6 +25,11 @@ Every method prints and saves held-out per-attribute MSE and Pearson, and with p
 
     python train_rm.py --data data/rm_train.jsonl --out runs/demo/rm
     python train_rm.py --method gate --data data/rm_train.jsonl --pairs data/rm_train.jsonl --out runs/demo/rm-gate
+    torchrun --nproc_per_node=8 train_rm.py ... [--fsdp]   # regression on 8 devices: DDP, or FSDP2 with --fsdp
+
+Under torchrun (regression only) every rank takes its own micro-batches of each optimizer step (the global batch is
+--batch-size × --grad-accum × ranks), the gradients are averaged once per step, the ranks share the held-out
+predictions, and rank 0 logs and writes OUT. probe and gate run in one process.
 """
 import argparse
 import hashlib
@@ -42,9 +47,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 import rm_data
-from common import (ATTRIBUTES, CACHE_DIR, DEFAULT_MODEL, HELPFULNESS, VERBOSITY, DataError, check_output_dir, cli,
-                    file_digest, load_checkpoint, resolve_model, reward_forward, rm_prompt_text, rm_text, rng_state,
-                    save_checkpoint, set_rng_state, setup)
+from common import (ATTRIBUTES, CACHE_DIR, DEFAULT_MODEL, HELPFULNESS, VERBOSITY, DataError, all_gather, all_mean,
+                    check_output_dir, cli, dist_setup, file_digest, grad_sync, is_main, load_checkpoint, parallelize,
+                    rank_world, resolve_model, reward_forward, rm_prompt_text, rm_text, rng_state, save_checkpoint,
+                    save_model, set_rng_state, setup)
 
 
 # ============================================================================= shared math
@@ -182,20 +188,28 @@ def attribute_metrics(pred, rows, attributes):
 
 # ============================================================================= method 1: regression (DPA RM)
 @torch.no_grad()
-def predict_rows(model, rows, tok, args, device, autocast):
-    """(N, K) rewards on 0-100 for rating-row tuples (only prompt and response are read)."""
-    model.eval()
+def predict_rows(fwd, rows, tok, args, device, autocast):
+    """(N, K) rewards on 0-100 for rating-row tuples (only prompt and response are read). fwd: reward_forward as
+    common.parallelize wraps it. Under torchrun rank r predicts rows r, r + world, ... (padded with copies of row 0,
+    so every rank runs as many batches: FSDP2 gathers layers collectively) and the ranks share their predictions."""
+    rank, world = rank_world()
+    mine = rows[rank::world]
+    mine += rows[:1] * (-(-len(rows) // world) - len(mine))  # pad: every rank holds ceil(N / world) rows
+    fwd.eval()
     preds = []
-    for enc, _, _ in batches(rows, tok, args.batch_size * 2, args.max_len, args.template, False, None):
+    for enc, _, _ in batches(mine, tok, args.batch_size * 2, args.max_len, args.template, False, None):
         with autocast():
-            preds.append(reward_forward(model, enc["input_ids"].to(device), enc["attention_mask"].to(device)).cpu())
-    model.train()
-    return torch.cat(preds).numpy() if preds else np.zeros((0, len(args.attributes)))
+            preds.append(fwd(enc["input_ids"].to(device), enc["attention_mask"].to(device)).cpu())
+    fwd.train()
+    preds = torch.cat(preds).numpy() if preds else np.zeros((0, len(args.attributes)), np.float32)  # (N / world, K)
+    return np.stack(all_gather(preds), axis=1).reshape(-1, len(args.attributes))[:len(rows)]  # row k·world + r
 
 
 def train_regression(args, train, tok, path, device, dtype, autocast, rng, ckpt=None, n_cut=0):
-    """Fine-tune backbone + bias-free head with masked MSE; → the model, predicting on 0-100.
-    ckpt: OUT/checkpoint.pt to resume from; --save-every writes it."""
+    """Fine-tune backbone + bias-free head with masked MSE; → the model, predicting on 0-100, and its forward
+    (reward_forward as common.parallelize wraps it: DDP/FSDP2 under torchrun). ckpt: OUT/checkpoint.pt to resume
+    from; --save-every writes it."""
+    rank, world = rank_world()
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=len(args.attributes), problem_type="regression", dtype=torch.float32,
         id2label=dict(enumerate(args.attributes)), label2id={a: k for k, a in enumerate(args.attributes)},
@@ -206,12 +220,13 @@ def train_regression(args, train, tok, path, device, dtype, autocast, rng, ckpt=
     for m in frozen:
         m.requires_grad_(False)
     model.to(device).train()
+    fwd = parallelize(model, reward_forward, args.fsdp, args.compile, dtype)  # DDP/FSDP2 under torchrun, else plain
     head = list(model.score.parameters())
     body = [q for n, q in model.named_parameters() if q.requires_grad and not n.startswith("score.")]
     opt = torch.optim.AdamW([{"params": body, "lr": args.lr, "base": args.lr},
                              {"params": head, "lr": args.head_lr, "base": args.head_lr}],
-                            betas=(0.9, 0.95), weight_decay=0.0)
-    steps_per_epoch = math.ceil(len(train) / (args.batch_size * args.grad_accum))
+                            betas=(0.9, 0.95), weight_decay=0.0, fused=device.startswith("cuda") or None)
+    steps_per_epoch = math.ceil(len(train) / (args.batch_size * args.grad_accum * world))  # global batch
     total = max(1, int(args.epochs * steps_per_epoch))
     total = min(total, args.max_steps) if args.max_steps else total
     print(f"train_rm: {len(train)} train / {len(args.val_rows)} val rows | {total} steps | "
@@ -221,11 +236,14 @@ def train_regression(args, train, tok, path, device, dtype, autocast, rng, ckpt=
     step, log = 0, []
     stream = (b for _ in itertools.count()  # epochs end where `total` says; the stream never runs dry
               for b in batches(train, tok, args.batch_size, args.max_len, args.template, True, rng))
+    # rank r takes micro-batches r, r + world, ...: 1 process × --grad-accum 2·A runs what 2 ranks × A run
+    stream = itertools.islice(stream, rank, None, world)
     job = {k: v for k, v in vars(args).items()
            if k not in ("attributes", "out", "save_every", "resume", "overwrite", "val_groups", "val_rows")}
     job["data"] = [file_digest(s) if os.path.isfile(s) else s for s in args.data]
     if args.pairs:
         job["pairs"] = file_digest(args.pairs) if os.path.isfile(args.pairs) else args.pairs
+    job["world"] = world
     job = json.loads(json.dumps(job, default=str))
     if ckpt:
         state = load_checkpoint(ckpt, job)
@@ -241,28 +259,31 @@ def train_regression(args, train, tok, path, device, dtype, autocast, rng, ckpt=
         for g in opt.param_groups:
             g["lr"] = get_lr(step, total, args.warmup, g["base"])
         # ---------------- TRAINING STEP BEGIN
-        for _ in range(args.grad_accum):
+        mse = 0.0
+        for k in range(args.grad_accum):
+            grad_sync(fwd, k == args.grad_accum - 1)  # ranks average gradients once per step
             enc, target, mask = next(stream)
             with autocast():
-                pred = reward_forward(model, enc["input_ids"].to(device), enc["attention_mask"].to(device))
+                pred = fwd(enc["input_ids"].to(device), enc["attention_mask"].to(device))
             loss = masked_mse(pred, target.to(device), mask.to(device)) / args.grad_accum
             loss.backward()
+            mse += loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         # ---------------- TRAINING STEP END
         step += 1
-        log.append({"step": step, "mse": loss.item() * args.grad_accum * 1e4})
+        log.append({"step": step, "mse": all_mean(mse) * 1e4})  # the mean over the global batch's micro-batches
         print(f"step {step}/{total} | mse {log[-1]['mse']:.1f} (0-100 scale) | "
               f"lr {opt.param_groups[0]['lr']:.1e} | {time.time() - t1:.1f}s", flush=True)
-        if args.save_every and step % args.save_every == 0 and step < total:
+        if args.save_every and step % args.save_every == 0 and step < total and is_main():  # DDP: ranks agree
             save_checkpoint(os.path.join(args.out, "checkpoint.pt"),
                             {"fingerprint": job, "step": step, "log": log, "model": model.state_dict(),
                              "opt": opt.state_dict(), "rng": rng_state()})
     with torch.no_grad():
         model.score.weight.mul_(100.0)  # predictions on the 0-100 scale
     args.steps, args.log = total, log
-    return model
+    return model, fwd
 
 
 # ============================================================================= frozen features (probe and gate)
@@ -623,6 +644,8 @@ def main(argv=None):
     p.add_argument("--backbone", default=DEFAULT_MODEL, help="embedded default, local folder or hub id")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
     p.add_argument("--freeze-layers", type=int, default=0, help="regression: freeze embeddings and the lowest N layers")
+    p.add_argument("--fsdp", action="store_true", help="regression under torchrun: FSDP2 instead of DDP")
+    p.add_argument("--compile", action="store_true", help="regression: torch.compile each decoder layer (pays on GPU)")
     p.add_argument("--ridge-alphas", type=float, nargs="+", default=RIDGE_ALPHAS, help="probe: α grid")
     p.add_argument("--ridge-val-frac", type=float, default=0.2, help="probe: training prompts that pick α")
     p.add_argument("--gate-hidden", type=int, default=1024)
@@ -634,7 +657,7 @@ def main(argv=None):
     p.add_argument("--debias-threshold", type=float, default=0.03, help="max Spearman(r_i − λ r_verb, r_verb)")
     # Optimization
     p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="rows per micro-batch (and rank)")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=3e-5, help="backbone learning rate")
     p.add_argument("--head-lr", type=float, default=1e-3, help="learning rate of the linear head")
@@ -659,8 +682,15 @@ def main(argv=None):
     if args.method != "regression" and (args.save_every or args.resume):
         raise SystemExit(f"error: --save-every/--resume apply to --method regression only; --method {args.method} "
                          f"fits in seconds on cached features and starts over (use --overwrite to replace OUT)")
+    if args.method != "regression" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit(f"error: --method {args.method} runs in one process (it fits a probe on cached features); "
+                         f"run it with python, not torchrun")
+    if args.fsdp and (args.save_every or args.resume):
+        raise SystemExit("error: --save-every/--resume do not work with --fsdp (the optimizer state is sharded over "
+                         "the ranks); checkpoint under DDP, or train without checkpoints")
 
-    device, dtype, autocast = setup(args.seed, args.device, args.dtype)
+    _, _, device = dist_setup(args.device)  # torchrun: one process per device; else (0, 1, device)
+    device, dtype, autocast = setup(args.seed, device, args.dtype)
     inputs = [*args.data, args.pairs, resolve_model(args.backbone, args.trust_remote_code)]
     ckpt = check_output_dir(args.out, args.overwrite, args.resume, inputs)
     t0 = time.time()
@@ -695,11 +725,11 @@ def main(argv=None):
     print(f"data: {sources} → {len(rows)} rows, {len(pairs)} pairs ({len(val_pairs)} held out) | method {args.method}")
 
     if args.method == "regression":
-        model = train_regression(args, train, tok, path, device, dtype, autocast, rng, ckpt, n_cut)
+        model, fwd = train_regression(args, train, tok, path, device, dtype, autocast, rng, ckpt, n_cut)
         z = np.zeros(len(args.attributes), np.float32)  # every held-out text (rows and pairs) is run once
         held = list(dict.fromkeys([(r[0], r[1]) for r in val] + [(q["prompt"], x) for q in val_pairs
                                                                   for x in (q["chosen"], q["rejected"])]))
-        memo = dict(zip(held, predict_rows(model, [(a, b, z, z, None) for a, b in held], tok, args, device, autocast)))
+        memo = dict(zip(held, predict_rows(fwd, [(a, b, z, z, None) for a, b in held], tok, args, device, autocast)))
         pred = np.stack([memo[(r[0], r[1])] for r in val]) if val else np.zeros((0, len(args.attributes)))
 
         def predict(its):
@@ -738,12 +768,14 @@ def main(argv=None):
             "steps": args.steps, "seconds": round(time.time() - t0, 1), "data": info, **extra,
             "args": {k: v for k, v in vars(args).items() if k not in ("attributes", "val_groups", "val_rows", "log")},
             "eval": metrics, "log": args.log}
+    if args.method == "regression":
+        save_model(model, tok, args.out)  # every rank (FSDP2 gathers the shards); rank 0 writes
+    if not is_main():
+        return
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "eval.json"), "w") as f:
         json.dump(metrics, f, indent=1)
     if args.method == "regression":
-        model.save_pretrained(args.out)
-        tok.save_pretrained(args.out)
         write_meta(args.out, meta)  # meta.json last: the run is finished
     else:
         save_armo(args.out, head, meta)

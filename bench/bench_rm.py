@@ -1,7 +1,8 @@
 """Reward-model methods side by side (train_rm.py --method regression | probe | gate): accuracy and time, CPU.
 
 --part pairs (default): real GPT-4-rated preference pairs, ../shared/data/ultrafeedback_pairs/train_1000.jsonl (1,000
-    binarized UltraFeedback pairs, read in place and never copied). Each response is a row whose target is its
+    binarized UltraFeedback pairs; those whose prompt has ≤ 256 tokens are copied to the bench's output folder, never
+    into the repository). Each response is a row whose target is its
     UltraFeedback overall score (1-10 → 0-100 bin centres); held-out prompts (--val-frac) give the pairwise accuracy:
     does the RM rank chosen above rejected? (ties in the data are dropped by the converter.)
       regression  fine-tuned top layers + bias-free head, masked MSE (the DPA RM recipe)
@@ -48,15 +49,20 @@ def run(name, args, out):
         return dt, json.load(f), json.load(g)
 
 
-def short_prompts(src, dst, max_chars):
-    """The pairs whose prompt has at most max_chars characters (≈ 4 per token: room for an answer in 512 tokens;
-    train_rm.py stops on a prompt that fills --max-len). The copy lives in the bench's output folder only."""
+def short_prompts(src, dst, backbone, max_tokens):
+    """The pairs whose prompt has at most max_tokens tokens, so an answer fits in --max-len 512 (train_rm.py stops on
+    a prompt that fills --max-len). The copy lives in the bench's output folder only."""
+    sys.path.insert(0, ROOT)
+    from transformers import AutoTokenizer
+
+    from common import resolve_model
+    tok = AutoTokenizer.from_pretrained(resolve_model(backbone))
     with open(src, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    kept = [r for r in rows if len(r["prompt"]) <= max_chars]
+    kept = [r for r in rows if len(tok(r["prompt"])["input_ids"]) <= max_tokens]
     with open(dst, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
-    print(f"bench_rm: {len(kept)} of {len(rows)} pairs have a prompt of ≤ {max_chars} characters → {dst}")
+    print(f"bench_rm: {len(kept)} of {len(rows)} pairs have a prompt of ≤ {max_tokens} tokens → {dst}", flush=True)
     return dst
 
 
@@ -65,7 +71,7 @@ def main():
     p.add_argument("--part", default="pairs", choices=["pairs", "demo"])
     p.add_argument("--uf", default=UF, help="binarized UltraFeedback pairs (JSONL)")
     p.add_argument("--backbone", default="embedded:SmolLM2-135M-Instruct")
-    p.add_argument("--max-prompt-chars", type=int, default=1200, help="pairs part: drop pairs with longer prompts")
+    p.add_argument("--max-prompt-tokens", type=int, default=256, help="pairs part: drop pairs with longer prompts")
     p.add_argument("--limit", type=int, default=800, help="pairs part: the first N pairs (the 12-minute budget)")
     p.add_argument("--reg-steps", type=int, default=40, help="pairs part: regression steps of --reg-batch rows")
     p.add_argument("--reg-batch", type=int, default=8)
@@ -79,7 +85,8 @@ def main():
     # frozen features run fastest in batches of 8 on 2 cores (measured: 2200 tok/s vs 1500 at 32)
     gate = ["--batch-size", 8, "--gate-hidden", 256, "--gate-steps", 1000, "--gate-batch", 256, "--log-every", 250]
     if args.part == "pairs":
-        args.uf = short_prompts(args.uf, os.path.join(out, "uf_short.jsonl"), args.max_prompt_chars)
+        args.uf = short_prompts(args.uf, os.path.join(out, "uf_short.jsonl"), args.backbone,
+                                args.max_prompt_tokens)
         base += ["--max-len", 512, "--val-frac", 0.2, "--prefer", OVERALL, "--limit", args.limit]
         runs = {
             "regression": ["--data", args.uf, "--freeze-layers", 16, "--lr", 1e-4, "--batch-size", args.reg_batch,

@@ -68,25 +68,32 @@ def load_rows(path, attributes):
     return rows
 
 
-def batches(rows, tok, batch_size, max_len, template, shuffle, rng, group=8):
-    """Tokenized batches. shuffle: a fresh random order, then length grouping: inside each window of `group` batches
-    the rows are sorted by length and cut into batches, and the batches are shuffled. A batch then holds answers of
-    similar length (1.1x padding instead of 1.5x with purely random batches of the demo data; bench/README.md) while
-    every epoch still sees every row once, in a random order of batches."""
+def batches(rows, tok, batch_size, max_len, template, shuffle, rng):
     idx = list(range(len(rows)))
     if shuffle:
         rng.shuffle(idx)
-        span = batch_size * group
-        idx = [j for w in range(0, len(idx), span)
-               for j in sorted(idx[w:w + span], key=lambda j: len(rows[j][0]) + len(rows[j][1]))]
-    chunks = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
-    if shuffle:
-        rng.shuffle(chunks)
-    for chunk in chunks:
-        b = [rows[j] for j in chunk]
+    for i in range(0, len(idx), batch_size):
+        b = [rows[j] for j in idx[i:i + batch_size]]
         enc = tok([rm_text(tok, r[0], r[1], template) for r in b], return_tensors="pt", padding=True,
                   truncation=True, max_length=max_len, add_special_tokens=False)
         yield enc, torch.tensor(np.stack([r[2] for r in b])), torch.tensor(np.stack([r[3] for r in b]))
+
+
+def sorted_forward(model, input_ids, attention_mask, rows):
+    """reward_forward on a right-padded batch in chunks of `rows` rows of similar length, each cut to its own longest
+    row. Same (B, K) predictions and gradients as one call on the whole batch (padding after the last real token
+    changes nothing), far less padding computed: 1.12x the real tokens instead of 1.48x for random batches of 16 of
+    the demo data (bench/README.md). rows <= 0: the whole batch in one call."""
+    if rows <= 0 or rows >= len(input_ids):
+        return reward_forward(model, input_ids, attention_mask)
+    lengths = attention_mask.sum(1)  # (B,)
+    order = torch.argsort(lengths, descending=True)  # (B,)
+    parts = []
+    for c in range(0, len(order), rows):
+        idx = order[c:c + rows]
+        T = int(lengths[idx].max())
+        parts.append(reward_forward(model, input_ids[idx, :T], attention_mask[idx, :T]))  # (rows, K)
+    return torch.cat(parts)[torch.argsort(order)]  # (B, K) back in batch order
 
 
 @torch.no_grad()
@@ -123,6 +130,8 @@ def main():
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--chunk-rows", type=int, default=4,
+                   help="rows per forward pass: a batch runs in length-sorted chunks (less padding); 0 = all at once")
     p.add_argument("--lr", type=float, default=3e-5, help="backbone learning rate")
     p.add_argument("--head-lr", type=float, default=1e-3, help="learning rate of the linear head")
     p.add_argument("--warmup", type=int, default=5, help="warmup steps")
@@ -183,7 +192,8 @@ def main():
         for _ in range(args.grad_accum):
             enc, target, mask = next(stream)
             with autocast():
-                pred = reward_forward(model, enc["input_ids"].to(device), enc["attention_mask"].to(device))
+                pred = sorted_forward(model, enc["input_ids"].to(device), enc["attention_mask"].to(device),
+                                      args.chunk_rows)
             loss = masked_mse(pred, target.to(device), mask.to(device)) / args.grad_accum
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

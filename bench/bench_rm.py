@@ -3,7 +3,9 @@
 Same sequences: --pairs-per-step preference pairs of rows of one prompt (reward-model text, --lengths as in
 benchlib). TRL trains a scalar Bradley-Terry head on the pairs (2 x pairs sequences per step, pre-tokenized
 chosen_ids/rejected_ids); ours regresses the 10 attributes on the same 2 x pairs texts as rows (train_rm.py's own
-batches(): shuffled, tokenisation inside the step, right padding, masked MSE, two-group AdamW). Same trainable
+batches(): shuffled, tokenisation inside the step, right padding, the batch run in length-sorted chunks of
+--chunk-rows rows (train_rm.sorted_forward), masked MSE, two-group AdamW; --also-unchunked adds ours with the whole
+batch in one forward, as train_rm.py did before). Same trainable
 parameters in both: embeddings and the lowest --freeze-layers decoder layers frozen (run_all.sh freezes 16). TRL runs
 with its defaults (gradient checkpointing on) and with checkpointing off. Throughput is real (non-padding) tokens/s.
 
@@ -20,8 +22,8 @@ import benchlib as B
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from common import ATTRIBUTES, reward_forward
-from train_rm import batches, get_lr, load_rows, masked_mse
+from common import ATTRIBUTES
+from train_rm import batches, get_lr, load_rows, masked_mse, sorted_forward
 
 
 def load_rm(path, num_labels, pad_id, freeze_layers):
@@ -34,7 +36,7 @@ def load_rm(path, num_labels, pad_id, freeze_layers):
     return model.train()
 
 
-def our_block(model, opt, rows, tok, args, autocast):
+def our_block(model, opt, rows, tok, args, autocast, chunk_rows):
     """train_rm.py's step (grad_accum 1) over one epoch of its own batches(); → (seconds, real tokens) of the steps
     after --warmup."""
     n_steps = args.warmup + args.steps
@@ -46,7 +48,7 @@ def our_block(model, opt, rows, tok, args, autocast):
             g["lr"] = get_lr(step, n_steps, 0, g["base"])
         enc, target, mask = next(stream)
         with autocast():
-            pred = reward_forward(model, enc["input_ids"], enc["attention_mask"])
+            pred = sorted_forward(model, enc["input_ids"], enc["attention_mask"], chunk_rows)
         loss = masked_mse(pred, target, mask)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -80,6 +82,8 @@ def main():
     p.add_argument("--pairs-per-step", type=int, default=8, help="TRL pairs per step; ours trains 2x as many rows "
                                                                   "(run_all.sh's train_rm uses 16 rows)")
     p.add_argument("--freeze-layers", type=int, default=16, help="as run_all.sh")
+    p.add_argument("--chunk-rows", type=int, default=4, help="train_rm.py's default")
+    p.add_argument("--also-unchunked", action="store_true", help="also time ours with one forward per batch")
     p.add_argument("--skip-trl-default", action="store_true", help="only TRL with gradient checkpointing off")
     args = p.parse_args()
     assert args.warmup >= 1, "a TRL step is timed from the end of the previous one: --warmup must be ≥ 1"
@@ -105,14 +109,17 @@ def main():
     opt = torch.optim.AdamW([{"params": body, "lr": 1e-4, "base": 1e-4}, {"params": head, "lr": 1e-3, "base": 1e-3}],
                             betas=(0.9, 0.95), weight_decay=0.0)
 
-    tools = {"ours": None, "trl (gc off)": make_trl(path, tok, pairs, args, dtype, False, tmp + "/a")}
+    tools = {"ours": args.chunk_rows}
+    if args.also_unchunked:
+        tools["ours, one forward per batch (before)"] = 0
+    tools |= {"trl (gc off)": make_trl(path, tok, pairs, args, dtype, False, tmp + "/a")}
     if not args.skip_trl_default:
         tools["trl (defaults: gc on)"] = make_trl(path, tok, pairs, args, dtype, True, tmp + "/b")
     raw, pads = {k: [] for k in tools}, {k: [] for k in tools}
     for rep in range(args.repeats):
         for name, t in tools.items():
-            if t is None:
-                (secs, toks), pos = our_block(model, opt, rows, tok, args, autocast), ours_pos
+            if isinstance(t, int):
+                (secs, toks), pos = our_block(model, opt, rows, tok, args, autocast, t), ours_pos
             else:
                 t[0].train()
                 (secs, toks), pos = t[1].timed(args.warmup), t[2]

@@ -130,7 +130,7 @@ def main():
         with open(jsonl, "w") as f:
             f.writelines(json.dumps({"prompt": r["prompt"], "response": r["response"], "labels": r["labels"]}) + "\n"
                          for r in rows)
-        secs, _ = bench_rm.our_block(rm, opt, load_rows(jsonl, ATTRIBUTES), tok, a, autocast)
+        secs, _ = bench_rm.our_block(rm, opt, load_rows(jsonl, ATTRIBUTES), tok, a, autocast, 4)
         out["rm", f"row of {L} tokens"] = np.mean(secs) / 16
         print(f"rm {out['rm', f'row of {L} tokens']:.2f} s/row at {L} tokens", flush=True)
 

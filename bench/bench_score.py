@@ -66,7 +66,7 @@ def profile(model, args):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     B.add_common_args(p)
-    p.add_argument("--n", type=int, default=96, help="answers to score per repeat")
+    p.add_argument("--n", type=int, default=192, help="answers to score per repeat")
     p.add_argument("--batch-size", type=int, default=32, help="score.py's default")
     p.add_argument("--max-len", type=int, default=320, help="score.py's default")
     p.add_argument("--profile-len", type=int, default=192, help="row length of the batch-size profile (0: skip it)")

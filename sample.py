@@ -9,11 +9,12 @@ plain DPA prompt of its target direction.
 reads  prompts JSONL   {id, prompt}
 writes samples JSONL   one record per response (schema in README): id, prompt_id, prompt, degree, weights, hint,
                        response, n_tokens, truncated, model, seed, gen
+Finished batches are appended to OUT.partial as they come; an interrupted run (even kill -9) resumes from it and writes
+the same bytes as an uninterrupted one (each batch has its own seed).
 
     python sample.py --prompts data/prompts_train.jsonl --out runs/demo/samples.jsonl --n 2 --hints plain,brief,detail
 """
 import argparse
-import json
 import os
 import random
 import time
@@ -22,8 +23,9 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import (DEFAULT_MODEL, SCHEMA_VERSION, DataError, chat_messages, check_output, degree_to_vector,
-                    read_jsonl, resolve_model, setup, vector_to_weights, write_jsonl)
+from common import (DEFAULT_MODEL, SCHEMA_VERSION, DataError, chat_messages, check_fields,
+                    check_output, check_unique, cli, degree_to_vector, file_digest, model_stamp, open_partial,
+                    parse_degrees, read_jsonl, resolve_model, setup, vector_to_weights, write_jsonl)
 
 HINTS = {"plain": None,
          "brief": "Answer in one or two short sentences.",
@@ -44,6 +46,26 @@ def make_jobs(prompts, n, hints, degrees, degree_range, seed):
     return jobs
 
 
+def check_context(tok, model, jobs, line_of, args):
+    """Every prompt, under its system prompt, plus --max-new-tokens must fit the model's context window."""
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    if not ctx:
+        return
+    seen = set()
+    for j in jobs:
+        key = (j["prompt_id"], j["degree"], j["hint"])
+        if key in seen:
+            continue
+        seen.add(key)
+        text = tok.apply_chat_template(chat_messages(j["prompt"], j["degree"], HINTS[j["hint"]]), tokenize=False,
+                                       add_generation_prompt=True)
+        n = len(tok(text, add_special_tokens=False)["input_ids"])
+        if n + args.max_new_tokens > ctx:
+            raise DataError(f"{args.prompts}:{line_of[j['prompt_id']]}: field 'prompt' takes {n} tokens with its "
+                            f"system prompt; with --max-new-tokens {args.max_new_tokens} that exceeds the model's "
+                            f"context of {ctx} tokens")
+
+
 def generate_batch(model, tok, jobs, args, device):
     """Left-padded batched sampling; returns (response text, new-token count, truncated) per job."""
     texts = [tok.apply_chat_template(chat_messages(j["prompt"], j["degree"], HINTS[j["hint"]]),
@@ -61,7 +83,7 @@ def generate_batch(model, tok, jobs, args, device):
     return results
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Data
     p.add_argument("--prompts", required=True, help="JSONL with id and prompt")
@@ -72,6 +94,7 @@ def main():
     p.add_argument("--hints", default="plain", help=f"comma list of system-prompt hints from {list(HINTS)}")
     # Model
     p.add_argument("--model", default=DEFAULT_MODEL, help="policy: embedded default, local folder or hub id")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=192)
@@ -81,67 +104,79 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     # Output
     p.add_argument("--out", required=True, help="samples JSONL (written atomically; resumes from OUT.partial)")
-    p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args()
+    p.add_argument("--overwrite", action="store_true", help="replace OUT and discard OUT.partial: start over")
+    args = p.parse_args(argv)
 
     device, dtype, _ = setup(args.seed, args.device, args.dtype)
+    partial = args.out + ".partial"
     check_output(args.out, args.overwrite, [args.prompts])
+    check_output(partial, True, [args.prompts])
     hints = args.hints.split(",")
     for h in hints:
         if h not in HINTS:
             raise SystemExit(f"error: unknown hint {h!r}; choose from {list(HINTS)}")
-    degrees = [float(d) for d in args.degrees.split(",")] if args.degrees else []
-    for d in degrees + list(args.degree_range):
-        degree_to_vector(d)  # raises on angles outside [-90, 90]
+    degrees = parse_degrees(args.degrees, "--degrees") if args.degrees else []
+    parse_degrees(",".join(map(str, args.degree_range)), "--degree-range")
+    if args.n < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
+        raise SystemExit("error: --n, --batch-size and --max-new-tokens must be at least 1")
     lines, prompts = read_jsonl(args.prompts, required=("id", "prompt"), with_lines=True)
     for i, rec in zip(lines, prompts):
-        if not isinstance(rec["prompt"], str) or not rec["prompt"].strip():
-            raise DataError(f"{args.prompts}:{i}: field 'prompt' must be a non-empty string")
-    if len({r["id"] for r in prompts}) != len(prompts):
-        raise DataError(f"{args.prompts}: duplicate ids")
+        check_fields(args.prompts, i, rec, id="id", prompt="text")
+    check_unique(args.prompts, lines, prompts)
+    lines = lines[:args.limit] if args.limit else lines
     prompts = prompts[:args.limit] if args.limit else prompts
+    if not prompts:
+        raise DataError(f"{args.prompts}: no prompts")
 
-    path = resolve_model(args.model)
-    tok = AutoTokenizer.from_pretrained(path)
+    path = resolve_model(args.model, args.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
     tok.padding_side = "left"  # batched generation continues every row from its last real token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    model = model.to(device).eval()
 
     jobs = make_jobs(prompts, args.n, hints, degrees, tuple(args.degree_range), args.seed)
+    check_context(tok, model, jobs, dict(zip((r["id"] for r in prompts), lines)), args)
     # length-sorted batches waste less padding; each batch gets its own seed, so a resumed run draws the same samples
     order = sorted(range(len(jobs)), key=lambda i: len(jobs[i]["prompt"]))
     batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
-    partial = args.out + ".partial"
-    done = {r["id"]: r for r in read_jsonl(partial)} if os.path.exists(partial) and not args.overwrite else {}
     gen = {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}
-    t0, n_tok = time.time(), 0
-    with open(partial, "a" if done else "w", encoding="utf-8") as f:
-        for b, batch in enumerate(tqdm(batches, desc="sample", unit="batch")):
-            if all(jobs[i]["id"] in done for i in batch):
-                continue
-            torch.manual_seed(args.seed * 100_003 + b)
-            with torch.no_grad():
-                results = generate_batch(model, tok, [jobs[i] for i in batch], args, device)
-            for i, (text, n, trunc) in zip(batch, results):
-                j = jobs[i]
-                rec = {"id": j["id"], "prompt_id": j["prompt_id"], "prompt": j["prompt"], "degree": j["degree"],
-                       "weights": list(vector_to_weights(degree_to_vector(j["degree"]))), "hint": j["hint"],
-                       "response": text, "n_tokens": n, "truncated": trunc, "model": args.model, "seed": args.seed,
-                       "gen": gen, "schema_version": SCHEMA_VERSION}
-                done[rec["id"]] = rec
-                n_tok += n
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+    job = {"prompts": file_digest(args.prompts), "limit": args.limit, "degrees": degrees, "hints": hints,
+           "degree_range": args.degree_range, "n": args.n, "model": args.model, "model_files": model_stamp(path),
+           "gen": gen, "batch_size": args.batch_size, "device": device, "dtype": str(dtype), "seed": args.seed}
+    finished, append = open_partial(partial, job, args.overwrite)
+    done = {r["id"]: r for r in finished}
+    resumed = len(done)
+    t0, n_tok, n_new = time.time(), 0, 0
+    for b, batch in enumerate(tqdm(batches, desc="sample", unit="batch")):
+        if all(jobs[i]["id"] in done for i in batch):
+            continue
+        torch.manual_seed(args.seed * 100_003 + b)
+        with torch.no_grad():
+            results = generate_batch(model, tok, [jobs[i] for i in batch], args, device)
+        new = []
+        for i, (text, n, trunc) in zip(batch, results):
+            j = jobs[i]
+            rec = {"id": j["id"], "prompt_id": j["prompt_id"], "prompt": j["prompt"], "degree": j["degree"],
+                   "weights": list(vector_to_weights(degree_to_vector(j["degree"]))), "hint": j["hint"],
+                   "response": text, "n_tokens": n, "truncated": trunc, "model": args.model, "seed": args.seed,
+                   "gen": gen, "schema_version": SCHEMA_VERSION}
+            done[rec["id"]] = rec
+            new.append(rec)
+            n_tok += n
+        n_new += len(new)
+        append(new)  # one write per finished batch; a torn last line is dropped on resume
 
     records = [done[j["id"]] for j in jobs]  # input order, whatever order the batches ran in
     write_jsonl(args.out, records)
-    os.remove(partial)
+    if os.path.exists(partial):
+        os.remove(partial)
     dt = time.time() - t0
     trunc = sum(r["truncated"] for r in records) / max(1, len(records))
     mean_len = sum(r["n_tokens"] for r in records) / max(1, len(records))
     print(f"sample: {len(records)} responses ({len(prompts)} prompts) → {args.out} | mean {mean_len:.0f} tokens | "
-          f"truncated {trunc:.0%} | {n_tok / max(dt, 1e-9):.0f} new tok/s | {dt:.0f}s")
+          f"truncated {trunc:.0%} | {n_tok / max(dt, 1e-9):.0f} new tok/s | {dt:.0f}s"
+          + (f" | resumed {resumed} from {partial}, drew {n_new}" if resumed else ""))
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

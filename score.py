@@ -1,99 +1,269 @@
 """Stage 3 of DPA: score every sampled response with the multi-objective reward model.
 
-r(x, y) ∈ R^K on a 0-100 scale from the RM trained by train_rm.py (or any folder with the same layout: an
-AutoModelForSequenceClassification whose labels are the attribute names). Batches are sorted by length so little
-compute goes to padding; the output keeps the input order. With --judge the demo's ground-truth judge (judge.py) rates
-the same responses, so evaluation can show the learned RM next to the truth.
+r(x, y) ∈ R^K on a 0-100 scale. --rm takes any of these formats, told apart by the folder's files:
+- regression RM (train_rm.py --method regression), or any AutoModelForSequenceClassification folder: a bias-free
+  head on the last real token (common.reward_forward). A folder with 10 outputs and no meta.json is read as the
+  released DPA RM (RLHFlow/RewardModel-Mistral-7B-for-DPA-v1): common.ATTRIBUTES order, plain-string [INST] template.
+- probe or gated RM (train_rm.py --method probe|gate; meta.json + armo.safetensors): the frozen backbone named in
+  meta.json gives the last-token feature (→ rewards) and the end-of-user-turn feature (→ gating weights, score).
+- a model with its own code (config auto_map; runs only with --trust-remote-code): ArmoRM-style models return
+  rewards, gating_output and score (RLHFlow/ArmoRM-Llama3-8B-v0.1, 19 objectives; their [0, 1] rewards and score are
+  written ×100, --reward-scale); one that returns only logits is read as a K-output regression RM.
+Batches are sorted by length (right padding, attention masks) so little compute goes to padding; the output keeps the
+input order. With --judge the demo's ground-truth judge (judge.py) rates the same responses, so evaluation can show the
+learned RM next to the truth.
 
-reads  samples JSONL (sample.py)      writes the same records + rewards {attribute: value}, rm [, judge {...}]
+reads  samples JSONL (sample.py)
+writes the same records + rewards {attribute: value} (every output, in the RM's order), rm
+       [+ score, gating {attribute: weight} for gated RMs; score = Σ_j rewards_j (gating Tᵀ)_j] [+ judge {...}]
+Scored batches (every output: rewards [, gating, score]) are appended to OUT.partial; an interrupted run resumes from
+it and writes the same bytes as an uninterrupted one. Empty answers are scored like any other (they are real policy
+outputs) and counted.
 
     python score.py --samples runs/demo/samples.jsonl --rm runs/demo/rm --out runs/demo/scored.jsonl
 """
 import argparse
 import json
+import math
 import os
 import time
+from contextlib import nullcontext
 
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-from common import (ATTRIBUTES, HELPFULNESS, VERBOSITY, DataError, check_output, read_jsonl, resolve_model,
-                    reward_forward, rm_text, setup, write_jsonl)
+from common import (ATTRIBUTES, HELPFULNESS, VERBOSITY, DataError, check_fields, check_output, check_unique, cli,
+                    file_digest, model_stamp, open_partial, read_jsonl, resolve_model, reward_forward, rm_text, setup,
+                    write_jsonl)
+from train_rm import ARMO_FILE, compute_features, encode_items, load_armo
+
+# RLHFlow/ArmoRM-Llama3-8B-v0.1's objectives, in its output order (dpa_armo.md §2.1)
+ARMO_OBJECTIVES = ATTRIBUTES + [
+    "beavertails-is_safe", "prometheus-score", "argilla-overall_quality", "argilla-judge_lm", "code-complexity",
+    "code-style", "code-explanation", "code-instruction-following", "code-readability"]
 
 
-@torch.no_grad()
-def score_texts(model, tok, texts, batch_size, max_len, device):
-    """Reward vectors for a list of RM input texts, in input order. → list of (K,) lists."""
-    lengths = [len(t) for t in texts]
-    order = sorted(range(len(texts)), key=lambda i: -lengths[i])  # longest first: peak memory shows up at once
-    out = [None] * len(texts)
+def attribute_names(k, meta, config):
+    """Names of a K-output RM: meta.json, else the config's labels, else the known layouts (10: DPA, 19: ArmoRM)."""
+    if meta.get("attributes"):
+        return meta["attributes"]
+    labels = [config.id2label.get(i, "") for i in range(k)] if len(getattr(config, "id2label", {})) == k else []
+    if labels and not any(a.startswith("LABEL_") for a in labels):
+        return labels
+    return {10: ATTRIBUTES, 19: ARMO_OBJECTIVES}.get(k, [f"objective-{i}" for i in range(k)])
+
+
+def run_batches(n, keys, batch_size, compute, done=None, on_batch=None):
+    """The batching and resume logic shared by every RM format. Items are ordered by keys (longest first: peak memory
+    shows up at once) and cut into batches; compute(indices) → {name: [value per index]}.
+    done: {index: {name: value}} finished by an interrupted run (batches it covers are skipped); on_batch(indices,
+    rows) runs after each computed batch with rows = [{name: value}] (score.py appends them to OUT.partial).
+    → {name: [value per item]} in input order."""
+    done = done or {}
+    order = sorted(range(n), key=lambda i: -keys[i])
+    out = {}
     for i in tqdm(range(0, len(order), batch_size), desc="score", unit="batch"):
         idx = order[i:i + batch_size]
-        enc = tok([texts[j] for j in idx], return_tensors="pt", padding=True, truncation=True, max_length=max_len,
-                  add_special_tokens=False).to(device)
-        r = reward_forward(model, enc["input_ids"], enc["attention_mask"])  # (B, K)
-        for j, row in zip(idx, r.tolist()):
-            out[j] = row
+        if all(j in done for j in idx):
+            rows = [done[j] for j in idx]
+        else:
+            cols = compute(idx)
+            rows = [{name: v[r] for name, v in cols.items()} for r in range(len(idx))]
+            if on_batch:
+                on_batch(idx, rows)
+        for j, row in zip(idx, rows):
+            for name, v in row.items():
+                out.setdefault(name, [None] * n)[j] = v
     return out
 
 
-def main():
+@torch.no_grad()
+def score_texts(forward, tok, texts, batch_size, max_len, device, done=None, on_batch=None):
+    """Run forward(input_ids, attention_mask) → {name: (B, ...) tensor} over RM input texts in length-sorted,
+    right-padded batches. → {name: [value per text]} in input order. done / on_batch: resume hooks (run_batches)."""
+    def compute(idx):
+        enc = tok([texts[j] for j in idx], return_tensors="pt", padding=True, truncation=True, max_length=max_len,
+                  add_special_tokens=False).to(device)
+        return {name: v.float().tolist() for name, v in forward(enc["input_ids"], enc["attention_mask"]).items()}
+    return run_batches(len(texts), [len(t) for t in texts], batch_size, compute, done, on_batch)
+
+
+def check_lengths(tok, texts, records, lines, args, template):
+    """RM inputs longer than --max-len are cut (counted); a prompt that alone fills --max-len leaves no answer to
+    rate: error. → number of cut inputs."""
+    n_ids = [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]]
+    for k in (k for k, n in enumerate(n_ids) if n > args.max_len):
+        n_prompt = len(tok(rm_text(tok, records[k]["prompt"], "", template), add_special_tokens=False)["input_ids"])
+        if n_prompt >= args.max_len:
+            raise DataError(f"{args.samples}:{lines[k]}: field 'prompt' takes {n_prompt} tokens of the RM input; "
+                            f"--max-len {args.max_len} leaves no room for the response")
+    return sum(n > args.max_len for n in n_ids)
+
+
+# ----------------------------------------------------------------------------- format: probe / gated RM (train_rm.py)
+def load_armo_scorer(args, device, dtype):
+    head, meta = load_armo(args.rm)
+    path = resolve_model(meta["backbone"], args.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    backbone = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    backbone = backbone.to(device).eval()
+    template = meta["template"] if args.template == "auto" else args.template
+
+    @torch.no_grad()
+    def scorer(prompts, responses, where, done=None, on_batch=None):
+        encoded = encode_items(tok, list(zip(prompts, responses)), template, args.max_len)
+        if head.gate is not None:
+            bad = [w for w, e in zip(where, encoded) if e[1] < 0]
+            if bad:
+                raise DataError(f"{bad[0]}: field 'prompt' is longer than --max-len {args.max_len} tokens: the gate "
+                                f"reads the end of the user turn ({len(bad)} such records)")
+
+        def compute(idx):
+            f_resp, f_prompt, _ = compute_features(backbone, [encoded[j] for j in idx], args.batch_size, device,
+                                                   nullcontext, tok.pad_token_id or 0)
+            rewards, gating, score = head(f_resp, f_prompt)
+            out = {"rewards": rewards.tolist()}
+            if gating is not None:
+                out.update(gating=gating.tolist(), score=score.tolist())
+            return out
+        return run_batches(len(encoded), [len(e[0]) for e in encoded], args.batch_size, compute, done, on_batch)
+    return meta.get("method", "probe"), meta["attributes"], template, scorer, tok, args.rm
+
+
+# ----------------------------------------------------------------------------- format: sequence classifier / own code
+def load_hf_scorer(args, device, dtype):
+    path = resolve_model(args.rm, args.trust_remote_code)  # a local folder with its own code is refused here
+    meta_path = os.path.join(path, "meta.json")
+    meta = {}
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    own_code = bool(getattr(config, "auto_map", None))
+    if own_code and not args.trust_remote_code:
+        raise SystemExit(f"error: {args.rm} ships its own model code ({config.auto_map}); read it, then pass "
+                         f"--trust-remote-code to run it")
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    tok.padding_side = "right"  # the readouts take the last real token of right-padded rows
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, dtype=dtype, trust_remote_code=args.trust_remote_code).to(device).eval()
+    k = getattr(config, "num_objectives", None) or config.num_labels
+    names = attribute_names(k, meta, config)
+    if len(names) != k:
+        raise SystemExit(f"error: reward model {args.rm} has {k} outputs but its meta.json names {len(names)} "
+                         f"attributes")
+    released_dpa = not meta and not own_code and names == ATTRIBUTES  # the released DPA RM layout
+    template = args.template if args.template != "auto" else meta.get("template", "dpa" if released_dpa else "chat")
+
+    def forward(input_ids, attention_mask):
+        if not own_code:
+            return {"rewards": reward_forward(model, input_ids, attention_mask)}
+        out = model(input_ids=input_ids, attention_mask=attention_mask)
+        if getattr(out, "rewards", None) is None:  # custom code with a plain K-output head
+            return {"rewards": out.logits}
+        scale = 100.0 if args.reward_scale is None else args.reward_scale  # ArmoRM rates on [0, 1]
+        res = {"rewards": out.rewards * scale}
+        if getattr(out, "gating_output", None) is not None:
+            res["gating"] = out.gating_output
+        if getattr(out, "score", None) is not None:
+            res["score"] = out.score.reshape(len(input_ids)) * scale
+        return res
+
+    def scorer(prompts, responses, where, done=None, on_batch=None):
+        texts = [rm_text(tok, p, r, template) for p, r in zip(prompts, responses)]
+        return score_texts(forward, tok, texts, args.batch_size, args.max_len, device, done, on_batch)
+    kind = "own-code" if own_code else ("released-dpa" if released_dpa else "regression")
+    return kind, names, template, scorer, tok, path
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Data
     p.add_argument("--samples", required=True, help="JSONL with prompt and response (sample.py output)")
     p.add_argument("--max-len", type=int, default=320)
     # Model
     p.add_argument("--rm", required=True, help="reward-model folder (train_rm.py output) or hub id")
+    p.add_argument("--template", default="auto", choices=["auto", "chat", "dpa"],
+                   help="RM input format (auto: meta.json's; the released DPA RM layout: dpa; else chat)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run a model folder's own code (ArmoRM-style)")
+    p.add_argument("--reward-scale", type=float, default=None, help="multiply own-code rewards/score (default 100)")
     p.add_argument("--judge", action="store_true", help="also add the demo judge's ground-truth ratings")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     # Output
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args()
+    p.add_argument("--out", required=True, help="scored JSONL (written atomically; resumes from OUT.partial)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT and discard OUT.partial: start over")
+    args = p.parse_args(argv)
 
     device, dtype, _ = setup(0, args.device, args.dtype)
+    partial = args.out + ".partial"
     check_output(args.out, args.overwrite, [args.samples])
+    check_output(partial, True, [args.samples])
     lines, records = read_jsonl(args.samples, required=("prompt", "response"), with_lines=True)
     for i, r in zip(lines, records):
-        for field in ("prompt", "response"):
-            if not isinstance(r[field], str):
-                raise DataError(f"{args.samples}:{i}: field '{field}' must be a string")
+        check_fields(args.samples, i, r, prompt="text", response="str", id="id?")
+    check_unique(args.samples, lines, records)
+    if not records:
+        raise DataError(f"{args.samples}: no records to score")
 
-    path = resolve_model(args.rm)
-    meta_path = os.path.join(path, "meta.json")
-    meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.padding_side = "right"  # reward_forward reads the last real token of right-padded rows
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
-    names = meta.get("attributes") or [model.config.id2label[k] for k in range(model.config.num_labels)]
+    armo = os.path.isdir(args.rm) and os.path.exists(os.path.join(args.rm, ARMO_FILE))
+    kind, names, template, scorer, tok, path = (load_armo_scorer if armo else load_hf_scorer)(args, device, dtype)
     missing = {HELPFULNESS, VERBOSITY} - set(names)
     if missing:
         raise SystemExit(f"error: reward model {args.rm} has no {sorted(missing)} output: DPA needs both "
                          f"(its attributes: {names})")
+    print(f"score: {kind} reward model {args.rm} | {len(names)} attributes | template {template}")
 
     t0 = time.time()
-    texts = [rm_text(tok, r["prompt"], r["response"], meta.get("template", "chat")) for r in records]
-    rewards = score_texts(model, tok, texts, args.batch_size, args.max_len, device)
+    texts = [rm_text(tok, r["prompt"], r["response"], template) for r in records]
+    n_cut = check_lengths(tok, texts, records, lines, args, template)
+    job = {"samples": file_digest(args.samples), "rm": args.rm, "rm_files": model_stamp(path), "kind": kind,
+           "template": template, "reward_scale": args.reward_scale, "max_len": args.max_len,
+           "batch_size": args.batch_size, "device": device, "dtype": str(dtype)}
+    finished, append = open_partial(partial, job, args.overwrite)
+    done = {k: row for e in finished for k, row in zip(e["index"], e["rows"])}
+    n_new = 0
+
+    def on_batch(idx, rows):  # rows: [{rewards [, gating, score]}], every output the final records carry
+        nonlocal n_new
+        for j, row in zip(idx, rows):
+            values = [x for v in row.values() for x in (v if isinstance(v, list) else [v])]
+            if not all(math.isfinite(x) for x in values):
+                raise DataError(f"{args.samples}:{lines[j]}: the reward model gave non-finite rewards {row} "
+                                f"(broken weights or fp16 overflow? try --dtype float32)")
+        append([{"index": idx, "rows": rows}])
+        n_new += len(rows)
+    res = scorer([r["prompt"] for r in records], [r["response"] for r in records],
+                 [f"{args.samples}:{i}" for i in lines], done, on_batch)
     judged = None
     if args.judge:
         from judge import Judge
         judged = Judge(device).rate([r["prompt"] for r in records], [r["response"] for r in records],
                                     [r.get("truncated", False) for r in records])
     for k, r in enumerate(records):
-        r["rewards"] = {a: round(v, 3) for a, v in zip(names, rewards[k])}
+        r["rewards"] = {a: round(v, 3) for a, v in zip(names, res["rewards"][k])}
         r["rm"] = args.rm
+        if "score" in res:
+            r["score"] = round(res["score"][k], 4)
+        if "gating" in res:
+            r["gating"] = {a: round(v, 5) for a, v in zip(names, res["gating"][k])}
         if judged is not None:
             r["judge"] = {a: round(float(v), 3) for a, v in zip(ATTRIBUTES, judged[k]) if v == v}
     write_jsonl(args.out, records)
+    if os.path.exists(partial):
+        os.remove(partial)
     dt = time.time() - t0
     h = sum(r["rewards"][HELPFULNESS] for r in records) / max(1, len(records))
     v = sum(r["rewards"][VERBOSITY] for r in records) / max(1, len(records))
+    n_empty = sum(not r["response"].strip() for r in records)
     print(f"score: {len(records)} responses → {args.out} | mean helpfulness {h:.1f} verbosity {v:.1f} | "
-          f"{len(records) / max(dt, 1e-9):.1f} responses/s | {dt:.0f}s")
+          f"{len(records) / max(dt, 1e-9):.1f} responses/s | {dt:.0f}s | {n_empty} empty | {n_cut} cut at --max-len"
+          + (f" | resumed {len(done)} from {partial}, scored {n_new}" if done else ""))
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

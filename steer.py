@@ -17,11 +17,28 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from common import (DEFAULT_MODEL, best_of_n, chat_messages, degree_to_vector, directional_reward, resolve_model,
-                    reward_forward, rm_text, setup, system_prompt, vector_to_degree, weights_to_vector)
+from common import (DEFAULT_MODEL, HELPFULNESS, VERBOSITY, best_of_n, chat_messages, degree_to_vector,
+                    directional_reward, resolve_model, reward_forward, rm_text, setup, system_prompt, vector_to_degree,
+                    weights_to_vector)
 
 
-def main():
+def read_prompts(path):
+    """One prompt per non-blank line of a UTF-8 text file; errors name the file and line."""
+    if os.path.isdir(path) or not os.path.exists(path):
+        raise SystemExit(f"error: --file {path}: {'is a directory' if os.path.isdir(path) else 'no such file'}")
+    prompts = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").strip()
+            except UnicodeDecodeError as e:
+                raise SystemExit(f"error: {path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start})") from None
+            if line:
+                prompts.append(line)
+    return prompts
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Data
     p.add_argument("prompts", nargs="*", help="prompts to answer (default: --file, else one per line on stdin)")
@@ -32,6 +49,7 @@ def main():
     # Model
     p.add_argument("--model", default=DEFAULT_MODEL, help="policy: checkpoint folder, embedded default or hub id")
     p.add_argument("--rm", help="reward model for --best-of-n reranking")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
     p.add_argument("--best-of-n", type=int, default=1, help="sample N answers, keep the best by vᵀr (needs --rm)")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -40,7 +58,7 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     # Output
     p.add_argument("--verbose", action="store_true", help="print the rendered system prompt and all candidates")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     try:
         v = weights_to_vector(*args.weights) if args.weights else degree_to_vector(args.degree)
@@ -50,20 +68,25 @@ def main():
         raise SystemExit(f"error: {e}")
     if args.best_of_n > 1 and not args.rm:
         raise SystemExit("error: --best-of-n needs --rm (the reward model that ranks the candidates)")
-    prompts = args.prompts or [l.strip() for l in (open(args.file) if args.file else sys.stdin) if l.strip()]
+    prompts = args.prompts or (read_prompts(args.file) if args.file else [l.strip() for l in sys.stdin if l.strip()])
     if not prompts:
         raise SystemExit("error: no prompt given (positional, --file or stdin)")
     device, dtype, _ = setup(args.seed, args.device)
-    path = resolve_model(args.model)
-    tok = AutoTokenizer.from_pretrained(path)
+    trust = args.trust_remote_code
+    path = resolve_model(args.model, trust)
+    rm_path = resolve_model(args.rm, trust) if args.rm else None
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust).to(device).eval()
     if args.rm:
-        rm_path = resolve_model(args.rm)
-        rm_tok = AutoTokenizer.from_pretrained(rm_path)
+        rm_tok = AutoTokenizer.from_pretrained(rm_path, trust_remote_code=trust)
         rm_tok.padding_side = "right"
-        rm = AutoModelForSequenceClassification.from_pretrained(rm_path, dtype=dtype).to(device).eval()
+        rm = AutoModelForSequenceClassification.from_pretrained(rm_path, dtype=dtype, trust_remote_code=trust)
+        rm = rm.to(device).eval()
         names = [rm.config.id2label[k] for k in range(rm.config.num_labels)]
+        if not {HELPFULNESS, VERBOSITY} <= set(names):
+            raise SystemExit(f"error: reward model {args.rm} does not rate {HELPFULNESS} and {VERBOSITY} "
+                             f"(its attributes: {names}): vᵀr needs both")
         meta_path = os.path.join(rm_path, "meta.json")
         template = json.load(open(meta_path)).get("template", "chat") if os.path.exists(meta_path) else "chat"
     if args.verbose:

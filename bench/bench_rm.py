@@ -1,136 +1,113 @@
-"""Reward-model training throughput: train_rm.py's step vs TRL RewardTrainer, side by side in one process.
+"""Reward-model methods side by side (train_rm.py --method regression | probe | gate): accuracy and time, CPU.
 
-Same sequences: --pairs-per-step preference pairs of rows of one prompt (reward-model text, --lengths as in
-benchlib). TRL trains a scalar Bradley-Terry head on the pairs (2 x pairs sequences per step, pre-tokenized
-chosen_ids/rejected_ids); ours regresses the 10 attributes on the same 2 x pairs texts as rows (train_rm.py's own
-batches(): shuffled, tokenisation inside the step, right padding, the batch run in length-sorted chunks of
---chunk-rows rows (train_rm.sorted_forward), masked MSE, two-group AdamW; --also-unchunked adds ours with the whole
-batch in one forward, as train_rm.py did before). Same trainable
-parameters in both: embeddings and the lowest --freeze-layers decoder layers frozen (run_all.sh freezes 16). TRL runs
-with its defaults (gradient checkpointing on) and with checkpointing off. Throughput is real (non-padding) tokens/s.
+--part pairs (default): real GPT-4-rated preference pairs, ../shared/data/ultrafeedback_pairs/train_1000.jsonl (1,000
+    binarized UltraFeedback pairs, read in place and never copied). Each response is a row whose target is its
+    UltraFeedback overall score (1-10 → 0-100 bin centres); held-out prompts (--val-frac) give the pairwise accuracy:
+    does the RM rank chosen above rejected? (ties in the data are dropped by the converter.)
+      regression  fine-tuned top layers + bias-free head, masked MSE (the DPA RM recipe)
+      probe       frozen SmolLM2 features + one ridge per objective (ArmoRM stage 1)
+      gate        the probe fitted on the UF overall score *and* the demo ratings (helpfulness, coherence, complexity,
+                  verbosity of data/rm_train.jsonl), then the gate trained on the UF training pairs with the
+                  verbosity de-bias (ArmoRM stage 2); accuracy by the gated score. With the overall score as the only
+                  objective, the gate could not change any ranking (both answers of a pair share the prompt's weights).
+--part demo: the three methods on the demo ratings data/rm_train.jsonl (judge labels): held-out Pearson per attribute
+    (same split as run_all.sh's RM), pairs made from the ratings by helpfulness (gap ≥ 10).
 
-    flock /tmp/heavy.lock /work/venv-bench/bin/python bench/bench_rm.py [--lengths natural]
+Times are wall-clock seconds of each train_rm.py run (loading, features, training, evaluation); the feature cache is
+emptied first, so the first frozen-feature method pays for the features and the next one reuses them.
+
+    flock /tmp/heavy.lock python bench/bench_rm.py --part pairs      # ≈ 10 min on 2 cores
+    flock /tmp/heavy.lock python bench/bench_rm.py --part demo       # ≈ 6 min
 """
 import argparse
 import json
 import os
-import random
 import shutil
-import tempfile
+import subprocess
+import sys
+import time
 
-import benchlib as B
-import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-from common import ATTRIBUTES
-from train_rm import batches, get_lr, load_rows, masked_mse, sorted_forward
-
-
-def load_rm(path, num_labels, pad_id, freeze_layers):
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32,
-                                                               problem_type="regression")
-    model.config.pad_token_id = pad_id
-    torch.nn.init.zeros_(model.score.weight)
-    for m in [model.model.embed_tokens, *model.model.layers[:freeze_layers]]:
-        m.requires_grad_(False)
-    return model.train()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+UF = os.path.join(ROOT, "..", "shared", "data", "ultrafeedback_pairs", "train_1000.jsonl")
+DEMO = os.path.join(ROOT, "data", "rm_train.jsonl")
+OVERALL, HELP = "ultrafeedback-overall_score", "helpsteer-helpfulness"
+SHOWN = [OVERALL, HELP, "helpsteer-coherence", "helpsteer-complexity", "helpsteer-verbosity"]
 
 
-def our_block(model, opt, rows, tok, args, autocast, chunk_rows):
-    """train_rm.py's step (grad_accum 1) over one epoch of its own batches(); → (seconds, real tokens) of the steps
-    after --warmup."""
-    n_steps = args.warmup + args.steps
-    stream = batches(rows, tok, 2 * args.pairs_per_step, args.seq_len, "chat", True, random.Random(args.seed))
-    times, toks = [], []
-    for step in range(n_steps):
-        t = B.now()
-        for g in opt.param_groups:
-            g["lr"] = get_lr(step, n_steps, 0, g["base"])
-        enc, target, mask = next(stream)
-        with autocast():
-            pred = sorted_forward(model, enc["input_ids"], enc["attention_mask"], chunk_rows)
-        loss = masked_mse(pred, target, mask)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss.item()
-        times.append(B.now() - t)
-        toks.append(int(enc["attention_mask"].sum()))
-    return times[args.warmup:], toks[args.warmup:]
-
-
-def make_trl(path, tok, pairs, args, dtype, gc, out_dir):
-    from datasets import Dataset
-    from trl import RewardConfig, RewardTrainer
-    model = load_rm(path, 1, tok.pad_token_id, args.freeze_layers)
-    data = Dataset.from_list([{"chosen_ids": c["rm_ids"], "rejected_ids": r["rm_ids"]} for c, r in pairs])
-    cfg = RewardConfig(output_dir=out_dir, per_device_train_batch_size=args.pairs_per_step,
-                       max_steps=args.warmup + args.steps, learning_rate=1e-4, bf16=dtype == torch.bfloat16,
-                       gradient_checkpointing=gc, use_cpu=True, max_length=args.seq_len, report_to="none",
-                       save_strategy="no", logging_steps=10_000, disable_tqdm=True, dataloader_num_workers=0,
-                       seed=args.seed)
-    timer = B.trl_step_timer()
-    trainer = RewardTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok, callbacks=[timer])
-    timer.trainer = trainer
-    return trainer, timer, B.Positions(model.model)
+def run(name, args, out):
+    """One train_rm.py run → (wall seconds, eval.json, meta.json); its log goes to <out>/<name>.log."""
+    folder = os.path.join(out, name)
+    t = time.time()
+    with open(f"{folder}.log", "w") as log:
+        p = subprocess.run([sys.executable, "train_rm.py", *map(str, args), "--out", folder], cwd=ROOT, stdout=log,
+                           stderr=subprocess.STDOUT)
+    dt = time.time() - t
+    if p.returncode:
+        raise SystemExit(f"bench_rm: {name} failed ({p.returncode}); see {folder}.log")
+    with open(os.path.join(folder, "eval.json")) as f, open(os.path.join(folder, "meta.json")) as g:
+        return dt, json.load(f), json.load(g)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    B.add_common_args(p)
-    p.add_argument("--pairs-per-step", type=int, default=8, help="TRL pairs per step; ours trains 2x as many rows "
-                                                                  "(run_all.sh's train_rm uses 16 rows)")
-    p.add_argument("--freeze-layers", type=int, default=16, help="as run_all.sh")
-    p.add_argument("--chunk-rows", type=int, default=4, help="train_rm.py's default")
-    p.add_argument("--also-unchunked", action="store_true", help="also time ours with one forward per batch")
-    p.add_argument("--skip-trl-default", action="store_true", help="only TRL with gradient checkpointing off")
+    p.add_argument("--part", default="pairs", choices=["pairs", "demo"])
+    p.add_argument("--uf", default=UF, help="binarized UltraFeedback pairs (JSONL)")
+    p.add_argument("--backbone", default="embedded:SmolLM2-135M-Instruct")
+    p.add_argument("--limit", type=int, default=800, help="pairs part: the first N pairs (the 12-minute budget)")
+    p.add_argument("--reg-steps", type=int, default=40, help="pairs part: regression steps of --reg-batch rows")
+    p.add_argument("--reg-batch", type=int, default=8)
+    p.add_argument("--out", default=os.path.join(ROOT, "runs", "bench_rm"))
     args = p.parse_args()
-    assert args.warmup >= 1, "a TRL step is timed from the end of the previous one: --warmup must be ≥ 1"
-    _, dtype, autocast, path = B.init(args)
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.padding_side = "right"
-    tok.pad_token = tok.convert_ids_to_tokens(0)  # as train_rm.py: a pad id that differs from the end-of-turn token
 
-    n_pairs = args.pairs_per_step * (args.warmup + args.steps)
-    pairs = B.bench_pairs(B.bench_rows(tok, 3 * n_pairs, args.seq_len, by_prompt=True, lengths=args.lengths))[:n_pairs]
-    assert len(pairs) == n_pairs, f"only {len(pairs)} pairs of one prompt in the data; lower --steps"
-    tmp = tempfile.mkdtemp(prefix="bench-rm-")
-    jsonl = os.path.join(tmp, "rows.jsonl")  # chosen1, rejected1, chosen2, ... read back by train_rm.load_rows
-    with open(jsonl, "w") as f:
-        f.writelines(json.dumps({"prompt": r["prompt"], "response": r["response"], "labels": r["labels"],
-                                 "prompt_id": r["prompt_id"]}) + "\n" for pair in pairs for r in pair)
-    rows = load_rows(jsonl, ATTRIBUTES)
+    out = os.path.join(args.out, args.part)
+    shutil.rmtree(out, ignore_errors=True)  # fresh feature cache: the timings include computing features
+    os.makedirs(out)
+    base = ["--backbone", args.backbone, "--feature-cache", os.path.join(out, "features"), "--seed", 0]
+    # frozen features run fastest in batches of 8 on 2 cores (measured: 2200 tok/s vs 1500 at 32)
+    gate = ["--batch-size", 8, "--gate-hidden", 256, "--gate-steps", 1000, "--gate-batch", 256, "--log-every", 250]
+    if args.part == "pairs":
+        base += ["--max-len", 512, "--val-frac", 0.2, "--prefer", OVERALL, "--limit", args.limit]
+        runs = {
+            "regression": ["--data", args.uf, "--freeze-layers", 16, "--lr", 1e-4, "--batch-size", args.reg_batch,
+                           "--max-steps", args.reg_steps],
+            "probe": ["--method", "probe", "--data", args.uf, "--batch-size", 8],
+            "gate": ["--method", "gate", "--data", args.uf, DEMO, "--pairs", args.uf, *gate],
+        }
+    else:  # run_all.sh's RM settings for the regression
+        base += ["--data", DEMO, "--pairs", DEMO, "--prefer", HELP]
+        runs = {"regression": ["--freeze-layers", 16, "--lr", 1e-4, "--batch-size", 16, "--epochs", 1],
+                "probe": ["--method", "probe", "--batch-size", 8],
+                "gate": ["--method", "gate", *gate]}
 
-    model = load_rm(path, len(ATTRIBUTES), tok.pad_token_id, args.freeze_layers)
-    ours_pos = B.Positions(model.model)
-    head = list(model.score.parameters())
-    body = [q for n, q in model.named_parameters() if q.requires_grad and not n.startswith("score.")]
-    opt = torch.optim.AdamW([{"params": body, "lr": 1e-4, "base": 1e-4}, {"params": head, "lr": 1e-3, "base": 1e-3}],
-                            betas=(0.9, 0.95), weight_decay=0.0)
+    results = {}
+    for name, extra in runs.items():
+        dt, ev, meta = run(name, [*base, *extra], out)
+        pw = ev.get("pairwise", {})
+        results[name] = {"seconds": round(dt, 1), "feature_seconds": meta.get("feature_seconds"),
+                         "fit_seconds": meta.get("fit_seconds"), "acc_length": pw.get("accuracy_length"),
+                         "pairs": pw.get("n"), "acc_attribute": pw.get("accuracy_attribute"),
+                         "acc_score": pw.get("accuracy_score"),
+                         "pearson": {a: ev[a]["pearson"] for a in SHOWN if a in ev}, "n_rows": meta["data"]["rows"]}
+        print(f"bench_rm: {name} done in {dt:.0f}s", flush=True)
 
-    tools = {"ours": args.chunk_rows}
-    if args.also_unchunked:
-        tools["ours, one forward per batch (before)"] = 0
-    tools |= {"trl (gc off)": make_trl(path, tok, pairs, args, dtype, False, tmp + "/a")}
-    if not args.skip_trl_default:
-        tools["trl (defaults: gc on)"] = make_trl(path, tok, pairs, args, dtype, True, tmp + "/b")
-    raw, pads = {k: [] for k in tools}, {k: [] for k in tools}
-    for rep in range(args.repeats):
-        for name, t in tools.items():
-            if isinstance(t, int):
-                (secs, toks), pos = our_block(model, opt, rows, tok, args, autocast, t), ours_pos
-            else:
-                t[0].train()
-                (secs, toks), pos = t[1].timed(args.warmup), t[2]
-            raw[name].append(sum(toks) / sum(secs))
-            pads[name].append(pos.take())
-            print(f"repeat {rep + 1}/{args.repeats} | {name:22s} | {raw[name][-1]:7.1f} tokens/s | "
-                  f"steps {B.fmt_raw(secs, 2)} s | tokens {' '.join(map(str, toks))}", flush=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    B.report(f"rm-{args.lengths}", f"RM training, {2 * args.pairs_per_step} sequences per step, {args.lengths} lengths "
-             f"(<= {args.seq_len} tokens), {args.freeze_layers} of 30 layers frozen, {dtype}, {args.threads} threads, "
-             f"median of {args.repeats} x {args.steps} steps", raw, pads, 1.2, {"args": vars(args), "dtype": str(dtype)})
+    pref = OVERALL if args.part == "pairs" else HELP
+    cols = [a for a in SHOWN if any(a in r["pearson"] for r in results.values())]
+    print(f"\n| method | time (s) | features (s) | probe/gate fit (s) | held-out pairs | pair acc by "
+          f"{pref.split('-', 1)[1]} | pair acc by gated score | " + " | ".join(f"Pearson {a.split('-', 1)[1]}"
+                                                                          for a in cols) + " |")
+    print("|---" * (7 + len(cols)) + "|")
+    fmt = lambda x: "–" if x is None else f"{x:.3f}"  # noqa: E731
+    for name, r in results.items():
+        fit = "–" if r["fit_seconds"] is None else f"{r['fit_seconds']:.1f}"
+        print(f"| {name} | {r['seconds']:.0f} | {r['feature_seconds'] or 0:.0f} | {fit} | {r['pairs']} | "
+              f"{fmt(r['acc_attribute'])} | {fmt(r['acc_score'])} | "
+              + " | ".join(fmt(r["pearson"].get(a)) for a in cols) + " |")
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    reg, probe = results["regression"]["seconds"], results["probe"]["seconds"]
+    print(f"bench_rm: {args.part} | regression {reg:.0f}s vs probe {probe:.0f}s ({reg / probe:.1f}×) | baseline "
+          f"'longer answer wins' {fmt(results['probe']['acc_length'])} | results → {os.path.join(out, 'results.json')}")
+
 
 if __name__ == "__main__":
     main()

@@ -22,7 +22,7 @@ import tempfile
 from types import SimpleNamespace
 
 import bench_dpo
-import bench_rm
+import bench_rm_speed
 import bench_sft
 import benchlib as B
 import numpy as np
@@ -36,7 +36,6 @@ from transformers import (
 from common import ATTRIBUTES, read_jsonl, rm_text
 from sample import generate_batch, make_jobs
 from score import score_texts
-from train_rm import load_rows
 
 LENGTHS = (128, 256, 384)
 
@@ -116,7 +115,7 @@ def main():
               f"at {L} tokens", flush=True)
     del model, opt, params
 
-    rm = bench_rm.load_rm(path, len(ATTRIBUTES), tok.pad_token_id, a.freeze_layers)
+    rm = bench_rm_speed.load_rm(path, len(ATTRIBUTES), tok.pad_token_id, a.freeze_layers)
     head = list(rm.score.parameters())
     body = [q for n, q in rm.named_parameters() if q.requires_grad and not n.startswith("score.")]
     opt = torch.optim.AdamW([{"params": body, "lr": 1e-4, "base": 1e-4}, {"params": head, "lr": 1e-3, "base": 1e-3}],
@@ -128,9 +127,10 @@ def main():
         rows = B.bench_rows(tok, 16 * (a.warmup + a.steps), L)
         jsonl = os.path.join(tmp, f"rm{L}.jsonl")
         with open(jsonl, "w") as f:
-            f.writelines(json.dumps({"prompt": r["prompt"], "response": r["response"], "labels": r["labels"]}) + "\n"
+            f.writelines(json.dumps({"prompt": r["prompt"], "response": r["response"], "labels": r["labels"],
+                                     "prompt_id": r["prompt_id"]}) + "\n"
                          for r in rows)
-        secs, _ = bench_rm.our_block(rm, opt, load_rows(jsonl, ATTRIBUTES), tok, a, autocast, 4)
+        secs, _ = bench_rm_speed.our_block(rm, opt, bench_rm_speed.load_rows(jsonl, len(rows)), tok, a, autocast, 4)
         out["rm", f"row of {L} tokens"] = np.mean(secs) / 16
         print(f"rm {out['rm', f'row of {L} tokens']:.2f} s/row at {L} tokens", flush=True)
 

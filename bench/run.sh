@@ -10,8 +10,8 @@ mkdir -p runs/bench
 declare -A BENCH=(
   [sft-fixed]="bench/bench_sft.py"
   [sft-natural]="bench/bench_sft.py --lengths natural --skip-trl-default"
-  [rm-fixed]="bench/bench_rm.py"
-  [rm-natural]="bench/bench_rm.py --lengths natural --steps 7 --also-unchunked --skip-trl-default"
+  [rm-speed-fixed]="bench/bench_rm_speed.py"
+  [rm-speed-natural]="bench/bench_rm_speed.py --lengths natural --steps 7 --also-unchunked --skip-trl-default"
   [dpo-fixed]="bench/bench_dpo.py"
   [dpo-natural]="bench/bench_dpo.py --lengths natural --skip-trl-default"
   [score]="bench/bench_score.py"
@@ -19,7 +19,7 @@ declare -A BENCH=(
   [memory]="bench/bench_memory.py"
   [scaling]="bench/bench_scaling.py"
 )
-ORDER=(sft-fixed sft-natural rm-fixed rm-natural dpo-fixed dpo-natural score sample memory scaling)
+ORDER=(sft-fixed sft-natural rm-speed-fixed rm-speed-natural dpo-fixed dpo-natural score sample memory scaling)
 for name in "${@:-${ORDER[@]}}"; do
   [[ -n "${BENCH[$name]:-}" ]] || { echo "unknown bench $name (one of: ${ORDER[*]})"; exit 2; }
   echo "=== $name: $PY ${BENCH[$name]}"

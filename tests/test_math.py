@@ -332,6 +332,27 @@ def test_eval_summary():
     assert evaluate.summary(rows)["spearman_verb"] == pytest.approx(-0.5)
 
 
+def test_eval_summary_against_base_and_targets():
+    base = evaluate.table("base", _eval_records())  # means: θ -45 (70, 20), 0 (70, 45), 45 (60, 85); tokens 15/25/50
+    pol = [dict(r, policy="round1") for r in base]
+    pol[0].update(help=70.0, verb=10.0, tokens=10.0)   # -45: vᵀr̄ = (70 - 10)/√2 > (70 - 20)/√2   beyond
+    pol[1].update(help=69.0)                           # 0: helpfulness 1 point below the base   not beyond
+    pol[2].update(help=60.0, verb=85.0, tokens=30.0)   # 45: the same point as the base          not beyond (ties)
+    s = evaluate.summary(pol, base)
+    assert (s["front_wins"], s["front_angles"]) == (1, 3)
+    assert s["help_0_gain"] == pytest.approx(-1.0)
+    assert s["len_ratio"] == pytest.approx(3.0)
+    assert evaluate.targets_met(s) == {"spearman_verb>=0.9": True, "len_ratio>=1.5": True, "help_0>=base": False,
+                                       "front_wins>=5/7": False}
+    pol[1].update(help=71.0)
+    s = evaluate.summary(pol, base)
+    assert s["front_wins"] == 2 and s["help_0_gain"] == pytest.approx(1.0)
+    assert evaluate.targets_met(s)["help_0>=base"] and not evaluate.targets_met(s)["front_wins>=5/7"]  # 2/3 < 5/7
+    pol[2].update(verb=86.0)
+    assert all(evaluate.targets_met(evaluate.summary(pol, base)).values())
+    assert "front_wins" not in evaluate.summary(base)  # no base given: no comparison
+
+
 # ----------------------------------------------------------------------------- judge
 def test_repetition_exact():
     assert judge.repetition([]) == 0.0

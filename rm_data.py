@@ -1,0 +1,227 @@
+"""Reward-model data from real rating schemas, converted into the project's one row format (read by train_rm.py).
+
+    row   {prompt, response, labels: {attribute: 0-100 or None}, prompt_id}     (the RM schema of the README)
+    pair  {prompt, chosen, rejected, prompt_id}                                 (chosen is preferred)
+
+A source is a local JSONL file or a hub dataset name (loaded with `datasets`); both go through the same converter.
+
+ schema         hub names / fields                          labels (0-100: the centre of the rating's bin)
+ rm             - / {prompt, response, labels}              as written
+ helpsteer      nvidia/HelpSteer, nvidia/HelpSteer2 /       helpsteer-{helpfulness, correctness, coherence,
+                {prompt, response, helpfulness, ...}        complexity, verbosity} = 20·s + 10, s ∈ 0..4 (DPA README)
+ ultrafeedback  openbmb/UltraFeedback / {instruction,       a row per completion: ultrafeedback-overall_score
+                completions: [{response, overall_score,     = 10·s − 5, s ∈ [1, 10]; ultrafeedback-{instruction_
+                annotations: {aspect: {Rating}}}]}          following, truthfulness, honesty, helpfulness} = 20·s − 10,
+                                                            s ∈ 1..5
+ binarized      HuggingFaceH4/ultrafeedback_binarized /     pairs; each response also a row with ultrafeedback-
+                {prompt, chosen, rejected, score_chosen,    overall_score = 10·score − 5 (UltraFeedback overall
+                score_rejected} (or scores in `metadata`)   scores, 1-10); chosen/rejected: strings or message lists
+                                                            (the last assistant message is the response)
+
+The bin-centre rule: a rating with n levels splits [0, 100] into n equal bins and maps to its bin's centre, so
+HelpSteer's 0-4 → 10, 30, …, 90 (as the released DPA RM does), UltraFeedback's aspect ratings 1-5 → 10, …, 90 and its
+overall score 1-10 → 5, 15, …, 95. Fractional scores (means) use the same linear map. A missing rating ("N/A", null,
+absent) stays missing (None → NaN → masked in the loss). A pair whose chosen score is not above the rejected one,
+or whose two responses are equal, is dropped and counted.
+"""
+import math
+import os
+
+from common import ATTRIBUTES, DataError, check_fields, read_jsonl
+
+SCHEMAS = ("rm", "helpsteer", "ultrafeedback", "binarized")
+HUB = {  # hub name → (schema, default split)
+    "nvidia/HelpSteer": ("helpsteer", "train"),
+    "nvidia/HelpSteer2": ("helpsteer", "train"),
+    "openbmb/UltraFeedback": ("ultrafeedback", "train"),
+    "HuggingFaceH4/ultrafeedback_binarized": ("binarized", "train_prefs"),
+}
+HELPSTEER = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
+UF_ASPECTS = ("instruction_following", "truthfulness", "honesty", "helpfulness")
+UF_OVERALL = "ultrafeedback-overall_score"
+
+
+def bin_centre(s, lo, hi):
+    """A rating s on the integer scale lo..hi → the centre of its bin when [0, 100] is cut into hi-lo+1 equal bins."""
+    return (s - lo + 0.5) * 100.0 / (hi - lo + 1)
+
+
+def _rating(rec, field, lo, hi, where):
+    """A rating field → its bin centre; None when missing ('N/A', null, absent); out of range: an error."""
+    v = rec.get(field) if isinstance(rec, dict) else None
+    if v is None or (isinstance(v, str) and v.strip().upper() in ("N/A", "NA", "")):
+        return None
+    try:
+        s = float(v)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: field '{field}' must be a number in [{lo}, {hi}] or missing, got {v!r}") from None
+    if not (math.isfinite(s) and lo <= s <= hi):
+        raise DataError(f"{where}: field '{field}' must be a number in [{lo}, {hi}] or missing, got {v!r}")
+    return bin_centre(s, lo, hi)
+
+
+def _text(rec, field, where):
+    v = rec.get(field)
+    if not isinstance(v, str):
+        raise DataError(f"{where}: field '{field}' must be a string, got {type(v).__name__}")
+    return v
+
+
+# ----------------------------------------------------------------------------- one converter per schema
+def from_rm(rec, where):
+    """The project's own schema: {prompt, response, labels: {attribute: 0-100 or null}} → [row]."""
+    path, sep, line = where.rpartition(":")
+    check_fields(path if sep else where, line if sep else "-", rec, prompt="text", response="str", prompt_id="id?")
+    labels = rec.get("labels")
+    if not isinstance(labels, dict):
+        raise DataError(f"{where}: field 'labels' must be an object of attribute → 0-100 or null")
+    unknown = set(labels) - set(ATTRIBUTES)
+    if unknown:
+        raise DataError(f"{where}: field 'labels' has unknown attributes {sorted(unknown)}")
+    for a, v in labels.items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise DataError(f"{where}: field 'labels.{a}' must be a finite number or null, got {v!r}")
+    prompt = _text(rec, "prompt", where)
+    return [{"prompt": prompt, "response": _text(rec, "response", where), "labels": dict(labels),
+             "prompt_id": str(rec.get("prompt_id", prompt))}], []
+
+
+def from_helpsteer(rec, where):
+    """HelpSteer: {prompt, response, helpfulness, correctness, coherence, complexity, verbosity (0-4)} → [row]."""
+    labels = {f"helpsteer-{a}": _rating(rec, a, 0, 4, where) for a in HELPSTEER}
+    prompt = _text(rec, "prompt", where)
+    return [{"prompt": prompt, "response": _text(rec, "response", where), "labels": labels, "prompt_id": prompt}], []
+
+
+def from_ultrafeedback(rec, where):
+    """UltraFeedback (fine-grained): {instruction, completions: [{response, overall_score (1-10),
+    annotations: {aspect: {Rating: '1'-'5' or 'N/A'}}}]} → one row per completion."""
+    prompt = _text(rec, "instruction", where)
+    comps = rec.get("completions")
+    if not isinstance(comps, list):
+        raise DataError(f"{where}: field 'completions' must be a list")
+    rows = []
+    for j, c in enumerate(comps):
+        at = f"{where}: completions[{j}]"
+        if not isinstance(c, dict):
+            raise DataError(f"{at} must be an object")
+        ann = c.get("annotations") or {}
+        labels = {UF_OVERALL: _rating(c, "overall_score", 1, 10, at)}
+        for a in UF_ASPECTS:
+            labels[f"ultrafeedback-{a}"] = _rating(ann.get(a) or {}, "Rating", 1, 5, f"{at}.annotations.{a}")
+        rows.append({"prompt": prompt, "response": _text(c, "response", at), "labels": labels, "prompt_id": prompt})
+    return rows, []
+
+
+def _response(v, field, where):
+    """A string, or a message list whose last assistant message is the response."""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, list):
+        said = [m.get("content") for m in v if isinstance(m, dict) and m.get("role") == "assistant"]
+        if said and isinstance(said[-1], str):
+            return said[-1]
+    raise DataError(f"{where}: field '{field}' must be a string or a message list ending in an assistant message")
+
+
+def from_binarized(rec, where):
+    """Binarized preferences {prompt, chosen, rejected, score_chosen, score_rejected} → (rows, [pair] or [])."""
+    prompt = rec.get("prompt")
+    if prompt is None and isinstance(rec.get("chosen"), list):  # conversational rows without a prompt column
+        prompt = next((m.get("content") for m in rec["chosen"] if isinstance(m, dict) and m.get("role") == "user"),
+                      None)
+    if not isinstance(prompt, str):
+        raise DataError(f"{where}: field 'prompt' must be a string")
+    chosen, rejected = _response(rec.get("chosen"), "chosen", where), _response(rec.get("rejected"), "rejected", where)
+    scores = rec if "score_chosen" in rec or "score_rejected" in rec else (rec.get("metadata") or {})
+    sc, sr = _rating(scores, "score_chosen", 1, 10, where), _rating(scores, "score_rejected", 1, 10, where)
+    pid = str(rec.get("prompt_id", prompt))
+    rows = [{"prompt": prompt, "response": chosen, "labels": {UF_OVERALL: sc}, "prompt_id": pid}]
+    if rejected != chosen:
+        rows.append({"prompt": prompt, "response": rejected, "labels": {UF_OVERALL: sr}, "prompt_id": pid})
+    tie = rejected == chosen or (sc is not None and sr is not None and sc <= sr)
+    return rows, ([] if tie else [{"prompt": prompt, "chosen": chosen, "rejected": rejected, "prompt_id": pid}])
+
+
+CONVERTERS = {"rm": from_rm, "helpsteer": from_helpsteer, "ultrafeedback": from_ultrafeedback,
+              "binarized": from_binarized}
+
+
+def detect_schema(rec, where):
+    """Which schema a record is in, from its fields."""
+    if "labels" in rec:
+        return "rm"
+    if "chosen" in rec and "rejected" in rec:
+        return "binarized"
+    if "completions" in rec and "instruction" in rec:
+        return "ultrafeedback"
+    if "response" in rec and any(a in rec for a in HELPSTEER):
+        return "helpsteer"
+    raise DataError(f"{where}: cannot tell the schema from the fields {sorted(rec)[:8]}: expected labels (rm), "
+                    f"chosen/rejected (binarized), instruction/completions (ultrafeedback) or HelpSteer ratings")
+
+
+# ----------------------------------------------------------------------------- sources
+def read_source(source, split=None, limit=0):
+    """A local JSONL file or a hub dataset name → (schema hint or None, [(where, record)]).
+    Offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) a hub name that is not in the local datasets cache fails at once."""
+    if os.path.exists(source):
+        lines, recs = read_jsonl(source, with_lines=True)
+        pairs = [(f"{source}:{i}", r) for i, r in zip(lines, recs)]
+        return None, pairs[:limit] if limit else pairs
+    if source.startswith((".", "/")) or source.count("/") != 1:
+        raise DataError(f"{source}: no such file, and not a hub dataset name (owner/name)")
+    schema, default_split = HUB.get(source, (None, "train"))
+    split = split or default_split
+    import datasets  # only hub sources need it
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+                  for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    try:
+        ds = datasets.load_dataset(source, split=f"{split}[:{limit}]" if limit else split)
+    except Exception as e:
+        if offline:
+            raise SystemExit(f"error: {source!r} is a hub dataset but HF_HUB_OFFLINE=1 and it is not in the local "
+                             f"datasets cache ({type(e).__name__}): download it on a connected machine, or pass a "
+                             f"local JSONL file in the same schema") from None
+        raise
+    return schema, [(f"{source}[{split}] row {i}", dict(r)) for i, r in enumerate(ds)]
+
+
+def load(source, schema="auto", split=None, limit=0):
+    """source → (rows, pairs, info) through the schema's converter; info counts what was read and dropped."""
+    hint, records = read_source(source, split, limit)
+    if not records:
+        raise DataError(f"{source}: no records")
+    if schema == "auto":  # a file holds one schema: the first record tells which
+        schema = hint or detect_schema(records[0][1], records[0][0])
+    rows, pairs, seen, dropped = [], [], set(), 0
+    for where, rec in records:
+        r, p = CONVERTERS[schema](rec, where)
+        for row in r:  # one row per distinct (prompt, response); where: 'file:line' for error messages
+            row.setdefault("where", where)
+            key = (row["prompt"], row["response"])
+            if key not in seen:
+                seen.add(key)
+                rows.append(row)
+        pairs += p
+        dropped += schema == "binarized" and not p
+    return rows, pairs, {"source": source, "schema": schema, "records": len(records), "rows": len(rows),
+                         "pairs": len(pairs), "pairs_dropped": dropped}
+
+
+def pairs_from_ratings(rows, attribute, min_gap):
+    """Preference pairs from rated rows of the same prompt: (a, b) with label_a − label_b ≥ min_gap on `attribute`.
+    Every qualifying ordered pair of a prompt is kept, each once, best-rated first."""
+    by_prompt = {}
+    for r in rows:
+        if r["labels"].get(attribute) is not None:
+            by_prompt.setdefault(r["prompt_id"], []).append(r)
+    pairs = []
+    for group in by_prompt.values():
+        group = sorted(group, key=lambda r: -r["labels"][attribute])
+        for i, a in enumerate(group):
+            for b in group[i + 1:]:
+                if a["labels"][attribute] - b["labels"][attribute] >= min_gap and a["response"] != b["response"]:
+                    pairs.append({"prompt": a["prompt"], "chosen": a["response"], "rejected": b["response"],
+                                  "prompt_id": a["prompt_id"]})
+    return pairs

@@ -22,11 +22,13 @@ DEGREES = "-45,-30,-15,0,15,30,45"
 
 
 def stages(py, out, model, steps):
-    """(name, argv) in run_all.sh's order and with its flags (sizes cut down: --limit, --max-steps)."""
+    """(name, argv) in run_all.sh's order and with its flags (sizes cut down: --limit, --max-steps; a training
+    checkpoint half way, as run_all.sh's --save-every 25 writes them)."""
+    save = max(1, steps // 2)
     return [
         ("train_rm", [py, "train_rm.py", "--data", "data/rm_train.jsonl", "--backbone", model, "--out", f"{out}/rm",
                       "--freeze-layers", "16", "--lr", "1e-4", "--epochs", "1", "--batch-size", "16",
-                      "--max-steps", str(steps)]),
+                      "--max-steps", str(steps), "--save-every", str(save), "--overwrite"]),
         ("sample (eval, batch 112)", [py, "sample.py", "--model", model, "--prompts", "data/prompts_heldout.jsonl",
                                       "--limit", "16", f"--degrees={DEGREES}", "--n", "1", "--temperature", "0.7",
                                       "--max-new-tokens", "160", "--batch-size", "112", "--seed", "1234", "--out",
@@ -41,11 +43,11 @@ def stages(py, out, model, steps):
                            f"{out}/scored.jsonl", "--overwrite"]),
         ("finetune-sft", [py, "finetune.py", "--scored", f"{out}/scored.jsonl", "--init", model, "--loss", "sft",
                           "--select", "hindsight", "--target-degrees=-45,-15,15,45", "--epochs", "1.5", "--lr", "5e-5",
-                          "--max-steps", str(steps), "--out", f"{out}/sft"]),
+                          "--max-steps", str(steps), "--save-every", str(save), "--out", f"{out}/sft", "--overwrite"]),
         ("finetune-dpo", [py, "finetune.py", "--scored", f"{out}/scored.jsonl", "--init", f"{out}/sft", "--loss", "dpo",
                           "--pairs", "mirrored", "--pair-degrees", "45", "--batch-size", "4", "--beta", "0.1",
-                          "--nll-coef", "1.0", "--epochs", "1", "--lr", "1.5e-5", "--max-steps", str(steps), "--out",
-                          f"{out}/policy"]),
+                          "--nll-coef", "1.0", "--epochs", "2", "--lr", "1.5e-5", "--max-steps", str(steps),
+                          "--save-every", str(save), "--out", f"{out}/policy", "--overwrite"]),
         ("evaluate", [py, "evaluate.py", f"round0={out}/eval.jsonl", f"--degrees={DEGREES}", "--out", f"{out}/eval"]),
         ("steer", [py, "steer.py", "--model", f"{out}/policy", "--degree", "45", "--max-new-tokens", "160",
                    "What should I pack for a weekend camping trip?"]),
@@ -62,11 +64,11 @@ def rss_kb(pid):
         return None
 
 
-def run(name, argv, env):
+def run(name, argv, env, cwd):
     """Run one stage under /usr/bin/time -v; → (peak RSS kB by time -v, wall s, second of the peak, last lines)."""
     t0 = time.time()
-    proc = subprocess.Popen(["/usr/bin/time", "-v", *argv], cwd=B.REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(["/usr/bin/time", "-v", *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=cwd)
     child, peak, peak_at = None, 0, 0.0
     while proc.poll() is None:
         if child is None:
@@ -93,6 +95,9 @@ def main():
     p.add_argument("--steps", type=int, default=4, help="--max-steps of every training stage")
     p.add_argument("--only", default="", help="comma list of stage names to run (their inputs must exist)")
     p.add_argument("--out", default=os.path.join(B.RESULTS, "memory"))
+    p.add_argument("--code", default=B.REPO, help="checkout whose stage scripts run (e.g. another branch's, to "
+                                                  "compare); its data/ is read")
+    p.add_argument("--tag", default="", help="suffix of the results file")
     args = p.parse_args()
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                TQDM_DISABLE="1")
@@ -101,13 +106,13 @@ def main():
     for name, argv in stages(sys.executable, args.out, args.model, args.steps):
         if only and name not in only:
             continue
-        max_rss, wall, peak_at, last = run(name, argv, env)
+        max_rss, wall, peak_at, last = run(name, argv, env, args.code)
         rows.append([name, f"{max_rss / 1e6:.2f}", f"{peak_at:.0f}", f"{wall:.0f}", (last[0][:90] if last else "")])
         print(f"{name:26s} | peak RSS {max_rss / 1e6:5.2f} GB (reached after {peak_at:.0f} s) | {wall:.0f} s", flush=True)
     B.print_table(f"Peak resident memory per stage (/usr/bin/time -v), run_all.sh's batch sizes, --max-steps "
                   f"{args.steps}", ["stage", "peak RSS (GB)", "peak after (s)", "wall (s)", "last line"], rows)
     worst = max(rows, key=lambda r: float(r[1]))
-    B.save("memory" + ("-" + "-".join(sorted(only)) if only else ""),
+    B.save("memory" + ("-" + "-".join(sorted(only)) if only else "") + (f"-{args.tag}" if args.tag else ""),
            {"args": vars(args), "stages": {r[0]: {"peak_rss_gb": float(r[1]), "wall_s": float(r[3])} for r in rows}})
     print(f"ratio: largest stage {worst[0]} peaks at {worst[1]} GB (target for the whole run <= 8 GB: "
           f"{'met' if float(worst[1]) <= 8 else 'NOT met'})")

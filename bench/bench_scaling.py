@@ -11,7 +11,8 @@ timed) at three row lengths, 128 / 256 / 384 tokens (DPA system prompt and promp
 1024 rows are not run: the table extrapolates them linearly from the measured sizes (marked "≈").
 
 Then the cost model of one round of run_all.sh's default recipe (600 answers of <= 160 new tokens, 600 scored, 75
-SFT steps x 8 rows, 49 DPO steps x 4 pairs, mean row ≈ 190 tokens), next to the times measured in the default run.
+SFT steps x 8 rows, 98 DPO steps x 4 pairs (2 epochs), mean row ≈ 190 tokens), next to the times the README reports
+for the default run.
 
     flock /tmp/heavy.lock /work/venv-bench/bin/python bench/bench_scaling.py
 """
@@ -33,7 +34,7 @@ from transformers import (
     AutoTokenizer,
 )
 
-from common import ATTRIBUTES, read_jsonl, rm_text
+from common import ATTRIBUTES, read_jsonl, reward_forward, rm_text
 from sample import generate_batch, make_jobs
 from score import score_texts
 
@@ -53,7 +54,7 @@ def sample(policy, tok, jobs, n, max_new):
 
 def score(rm, tok, texts, max_len):
     t = B.now()
-    score_texts(rm, tok, texts, 32, max_len, "cpu")
+    score_texts(lambda i, a: {"rewards": reward_forward(rm, i, a)}, tok, texts, 32, max_len, "cpu")
     return B.now() - t
 
 
@@ -166,14 +167,14 @@ def main():
           f"sft 128 → 384-token rows {out['sft', 'row of 384 tokens'] / out['sft', 'row of 128 tokens']:.2f}x")
 
     # one round of the default recipe: 600 answers (mean ≈ 127 of <= 160 new tokens; batches of 100 run to 160),
-    # 600 scored (mean ≈ 190 tokens), SFT 75 steps x 8 rows, DPO 49 steps x 4 pairs, rows ≈ 190 tokens (≤ 320)
+    # 600 scored (mean ≈ 190 tokens), SFT 75 steps x 8 rows, DPO 98 steps x 4 pairs, rows ≈ 190 tokens (≤ 320)
     per_pos = out["sample", "32 prompts x 128 new"] / (32 * 128)
     model_round = {"sample (600 answers, <= 160 new tokens)": per_pos * 600 * 160,
                    "score (600 answers)": s256 / 256 * 600,
                    "hindsight SFT (75 steps x 8 rows)": interp("sft", "row", 190) * 600,
-                   "mirrored DPO (49 steps x 4 pairs)": interp("dpo", "pair", 190) * 196}
-    measured = {"sample (600 answers, <= 160 new tokens)": 246, "score (600 answers)": 38,
-                "hindsight SFT (75 steps x 8 rows)": 320, "mirrored DPO (49 steps x 4 pairs)": 212}
+                   "mirrored DPO (98 steps x 4 pairs)": interp("dpo", "pair", 190) * 392}
+    measured = {"sample (600 answers, <= 160 new tokens)": 275, "score (600 answers)": 41,  # README, default run
+                "hindsight SFT (75 steps x 8 rows)": 339, "mirrored DPO (98 steps x 4 pairs)": 506}
     total = sum(model_round.values())
     B.print_table("One round of run_all.sh's default recipe: cost model from the rates above vs the default run "
                   "(README, 2 cores)", ["stage", "model (s)", "share", "measured in the default run (s)"],

@@ -82,8 +82,11 @@ def main():
     texts = [rm_text(tok, r["prompt"], r["response"]) for r in recs]
     lengths = [len(tok(t, add_special_tokens=False)["input_ids"][:args.max_len]) for t in texts]
 
-    variants = {"ours (score.py, length-sorted)": lambda: score_texts(model, tok, texts, args.batch_size,
-                                                                      args.max_len, "cpu"),
+    def rm(input_ids, attention_mask):  # score.py's forward for a train_rm.py folder
+        return {"rewards": reward_forward(model, input_ids, attention_mask)}
+
+    variants = {"ours (score.py, length-sorted)": lambda: score_texts(rm, tok, texts, args.batch_size,
+                                                                      args.max_len, "cpu")["rewards"],
                 "unsorted batches": lambda: unsorted(model, tok, texts, args.batch_size, args.max_len),
                 "per-example loop": lambda: per_example(model, tok, texts, args.max_len)}
     ref = None

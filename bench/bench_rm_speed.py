@@ -3,9 +3,9 @@
 Same sequences: --pairs-per-step preference pairs of rows of one prompt (reward-model text, --lengths as in
 benchlib). TRL trains a scalar Bradley-Terry head on the pairs (2 x pairs sequences per step, pre-tokenized
 chosen_ids/rejected_ids); ours regresses the 10 attributes on the same 2 x pairs texts as rows (train_rm.py's own
-batches(): shuffled, tokenisation inside the step, right padding, the batch run in length-sorted chunks of
---chunk-rows rows (train_rm.sorted_forward), masked MSE, two-group AdamW; --also-unchunked adds ours with the whole
-batch in one forward, as train_rm.py did before). Same trainable
+batches(): shuffled, tokenisation inside the step, right padding, one forward per batch as train_rm.py's default,
+masked MSE, two-group AdamW; --also-chunked N adds ours with train_rm.py --chunk-rows N, the batch run in
+length-sorted chunks of N rows, train_rm.sorted_forward). Same trainable
 parameters in both: embeddings and the lowest --freeze-layers decoder layers frozen (run_all.sh freezes 16). TRL runs
 with its defaults (gradient checkpointing on) and with checkpointing off. Throughput is real (non-padding) tokens/s.
 
@@ -90,8 +90,7 @@ def main():
     p.add_argument("--pairs-per-step", type=int, default=8, help="TRL pairs per step; ours trains 2x as many rows "
                                                                   "(run_all.sh's train_rm uses 16 rows)")
     p.add_argument("--freeze-layers", type=int, default=16, help="as run_all.sh")
-    p.add_argument("--chunk-rows", type=int, default=4, help="train_rm.py's default")
-    p.add_argument("--also-unchunked", action="store_true", help="also time ours with one forward per batch")
+    p.add_argument("--also-chunked", type=int, default=0, metavar="N", help="also time ours with --chunk-rows N")
     p.add_argument("--skip-trl-default", action="store_true", help="only TRL with gradient checkpointing off")
     args = p.parse_args()
     assert args.warmup >= 1, "a TRL step is timed from the end of the previous one: --warmup must be ≥ 1"
@@ -117,9 +116,9 @@ def main():
     opt = torch.optim.AdamW([{"params": body, "lr": 1e-4, "base": 1e-4}, {"params": head, "lr": 1e-3, "base": 1e-3}],
                             betas=(0.9, 0.95), weight_decay=0.0)
 
-    tools = {"ours": args.chunk_rows}
-    if args.also_unchunked:
-        tools["ours, one forward per batch (before)"] = 0
+    tools = {"ours": 0}
+    if args.also_chunked:
+        tools[f"ours, --chunk-rows {args.also_chunked}"] = args.also_chunked
     tools |= {"trl (gc off)": make_trl(path, tok, pairs, args, dtype, False, tmp + "/a")}
     if not args.skip_trl_default:
         tools["trl (defaults: gc on)"] = make_trl(path, tok, pairs, args, dtype, True, tmp + "/b")

@@ -131,7 +131,7 @@ def main():
             f.writelines(json.dumps({"prompt": r["prompt"], "response": r["response"], "labels": r["labels"],
                                      "prompt_id": r["prompt_id"]}) + "\n"
                          for r in rows)
-        secs, _ = bench_rm_speed.our_block(rm, opt, bench_rm_speed.load_rows(jsonl, len(rows)), tok, a, autocast, 4)
+        secs, _ = bench_rm_speed.our_block(rm, opt, bench_rm_speed.load_rows(jsonl, len(rows)), tok, a, autocast, 0)
         out["rm", f"row of {L} tokens"] = np.mean(secs) / 16
         print(f"rm {out['rm', f'row of {L} tokens']:.2f} s/row at {L} tokens", flush=True)
 

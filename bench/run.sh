@@ -11,8 +11,8 @@ mkdir -p runs/bench
 declare -A BENCH=(
   [sft-fixed]="bench/bench_sft.py --steps 2 --skip-trl-default"
   [sft-natural]="bench/bench_sft.py --lengths natural --steps 2 --skip-trl-default"
-  [rm-speed-fixed]="bench/bench_rm_speed.py --steps 2 --also-unchunked --skip-trl-default"
-  [rm-speed-natural]="bench/bench_rm_speed.py --lengths natural --steps 2 --also-unchunked --skip-trl-default"
+  [rm-speed-fixed]="bench/bench_rm_speed.py --steps 2 --also-chunked 4 --skip-trl-default"
+  [rm-speed-natural]="bench/bench_rm_speed.py --lengths natural --steps 2 --also-chunked 4 --skip-trl-default"
   [dpo-fixed]="bench/bench_dpo.py --steps 2 --skip-trl-default"
   [dpo-natural]="bench/bench_dpo.py --lengths natural --steps 2 --skip-trl-default"
   [score]="bench/bench_score.py --n 96"

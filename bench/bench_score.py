@@ -112,7 +112,7 @@ def main():
                   [[k, f"{med[k]:.2f}", B.fmt_raw(v, 2), f"{med[ours] / med[k]:.2f}x"] for k, v in raw.items()])
     prof = profile(model, args) if args.profile_len else {}
     r_loop, r_unsorted = med[ours] / med["per-example loop"], med[ours] / med["unsorted batches"]
-    B.save("score", {"args": vars(args), "dtype": str(dtype), "answers_per_s": raw, "median": med,
+    B.save("score" + (f"-batch{args.batch_size}" if args.batch_size != 32 else ""), {"args": vars(args), "dtype": str(dtype), "answers_per_s": raw, "median": med,
                      "profile_tokens_per_s": prof, "ratio_vs_loop": r_loop, "ratio_vs_unsorted": r_unsorted,
                      "targets": [8.0, 1.3]})
     print(f"ratio: ours / per-example loop = {r_loop:.2f}x (target >= 8x: {'met' if r_loop >= 8 else 'NOT met'}) | "

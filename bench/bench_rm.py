@@ -48,11 +48,24 @@ def run(name, args, out):
         return dt, json.load(f), json.load(g)
 
 
+def short_prompts(src, dst, max_chars):
+    """The pairs whose prompt has at most max_chars characters (≈ 4 per token: room for an answer in 512 tokens;
+    train_rm.py stops on a prompt that fills --max-len). The copy lives in the bench's output folder only."""
+    with open(src, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    kept = [r for r in rows if len(r["prompt"]) <= max_chars]
+    with open(dst, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
+    print(f"bench_rm: {len(kept)} of {len(rows)} pairs have a prompt of ≤ {max_chars} characters → {dst}")
+    return dst
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", default="pairs", choices=["pairs", "demo"])
     p.add_argument("--uf", default=UF, help="binarized UltraFeedback pairs (JSONL)")
     p.add_argument("--backbone", default="embedded:SmolLM2-135M-Instruct")
+    p.add_argument("--max-prompt-chars", type=int, default=1200, help="pairs part: drop pairs with longer prompts")
     p.add_argument("--limit", type=int, default=800, help="pairs part: the first N pairs (the 12-minute budget)")
     p.add_argument("--reg-steps", type=int, default=40, help="pairs part: regression steps of --reg-batch rows")
     p.add_argument("--reg-batch", type=int, default=8)
@@ -66,6 +79,7 @@ def main():
     # frozen features run fastest in batches of 8 on 2 cores (measured: 2200 tok/s vs 1500 at 32)
     gate = ["--batch-size", 8, "--gate-hidden", 256, "--gate-steps", 1000, "--gate-batch", 256, "--log-every", 250]
     if args.part == "pairs":
+        args.uf = short_prompts(args.uf, os.path.join(out, "uf_short.jsonl"), args.max_prompt_chars)
         base += ["--max-len", 512, "--val-frac", 0.2, "--prefer", OVERALL, "--limit", args.limit]
         runs = {
             "regression": ["--data", args.uf, "--freeze-layers", 16, "--lr", 1e-4, "--batch-size", args.reg_batch,

@@ -32,6 +32,7 @@ Under torchrun (regression only) every rank takes its own micro-batches of each 
 predictions, and rank 0 logs and writes OUT. probe and gate run in one process.
 """
 import argparse
+import functools
 import hashlib
 import itertools
 import json
@@ -173,6 +174,24 @@ def batches(rows, tok, batch_size, max_len, template, shuffle, rng):
         yield enc, torch.tensor(np.stack([r[2] for r in b])), torch.tensor(np.stack([r[3] for r in b]))
 
 
+def sorted_forward(model, input_ids, attention_mask, rows):
+    """reward_forward on a right-padded batch in chunks of `rows` rows of similar length, each cut to its own longest
+    row. Same (B, K) predictions and gradients as one call on the whole batch (a causal model: padding after the last
+    real token changes nothing before it) and less padding computed (1.08x the real tokens instead of 1.33x for
+    batches of 16 demo answers), but on 2 CPU cores the smaller matmuls cost as much as the padding saved, so it is
+    opt-in (README, Performance). rows <= 0: the whole batch in one call."""
+    if rows <= 0 or rows >= len(input_ids):
+        return reward_forward(model, input_ids, attention_mask)
+    lengths = attention_mask.sum(1)  # (B,)
+    order = torch.argsort(lengths, descending=True)  # (B,)
+    parts = []
+    for c in range(0, len(order), rows):
+        idx = order[c:c + rows]
+        T = int(lengths[idx].max())
+        parts.append(reward_forward(model, input_ids[idx, :T], attention_mask[idx, :T]))  # (rows, K)
+    return torch.cat(parts)[torch.argsort(order)]  # (B, K) back in batch order
+
+
 def attribute_metrics(pred, rows, attributes):
     """Held-out MSE and Pearson per labelled attribute. pred: (N, K) on 0-100; rows: the N tuples."""
     t, m = np.stack([r[2] for r in rows]) * 100, np.stack([r[3] for r in rows])
@@ -220,7 +239,8 @@ def train_regression(args, train, tok, path, device, dtype, autocast, rng, ckpt=
     for m in frozen:
         m.requires_grad_(False)
     model.to(device).train()
-    fwd = parallelize(model, reward_forward, args.fsdp, args.compile, dtype)  # DDP/FSDP2 under torchrun, else plain
+    fwd = parallelize(model, functools.partial(sorted_forward, rows=args.chunk_rows), args.fsdp, args.compile,
+                      dtype)  # DDP/FSDP2 under torchrun, else plain
     head = list(model.score.parameters())
     body = [q for n, q in model.named_parameters() if q.requires_grad and not n.startswith("score.")]
     opt = torch.optim.AdamW([{"params": body, "lr": args.lr, "base": args.lr},
@@ -659,6 +679,8 @@ def main(argv=None):
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=16, help="rows per micro-batch (and rank)")
     p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--chunk-rows", type=int, default=0, help="regression: run each batch in length-sorted chunks of "
+                   "N rows (same math, less padding; no faster on 2 CPU cores); 0 = the whole batch at once")
     p.add_argument("--lr", type=float, default=3e-5, help="backbone learning rate")
     p.add_argument("--head-lr", type=float, default=1e-3, help="learning rate of the linear head")
     p.add_argument("--warmup", type=int, default=5, help="warmup steps")

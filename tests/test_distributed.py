@@ -228,8 +228,8 @@ def test_dpo_matches_one_process(runs, tiny_model_dir, run):
     tmp, out, _ = runs
     one, dist = log_of(tmp / "dpo_one"), log_of(tmp / run)
     assert len(one) == 2 and dist[0]["margin"] == pytest.approx(0.0, abs=1e-6)
-    for key in ("loss", "margin", "acc"):
-        assert [s[key] for s in dist] == pytest.approx([s[key] for s in one], rel=1e-5, abs=1e-6)
+    for key in ("loss", "margin", "acc"):  # margins are differences of summed fp32 log-probs: rounding ≈ 1e-5
+        assert [s[key] for s in dist] == pytest.approx([s[key] for s in one], rel=1e-5, abs=1e-5)
     assert one[1]["margin"] > 0.01  # the policy moved after step 1
     assert_same_model(tmp / "dpo_one", tmp / run, tiny_model_dir)  # incl. no untied copy of the LM head
     frozen, s0 = load_state(tmp / run), load_state(tiny_model_dir)

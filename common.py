@@ -635,6 +635,17 @@ def part_path(out, i, n):
     return f"{out}.part-{i}-of-{n}"
 
 
+def drop_logs(out, partial, part):
+    """The end of a sweep, once OUT is written: every process deletes its own log (partial) and a --merge run the parts
+    it joined. Under torchrun the ranks wait for each other first, so no log goes before OUT exists."""
+    barrier()
+    if os.path.exists(partial):
+        os.remove(partial)
+    if part[2] == "merge":
+        for i in range(part[1]):
+            os.remove(part_path(out, i, part[1]))
+
+
 def collect_parts(pairs, n_items, out, part):
     """Bring every shard's (global index, record) pairs together → all n_items records in index order, i.e. the
     list a single process makes; None where this process is not the one that writes OUT.

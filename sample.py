@@ -20,7 +20,6 @@ flags. A batch's seed depends on its index only, so OUT is the file one process 
 own batches to OUT.part-i-of-N.partial and resumes from it.
 """
 import argparse
-import os
 import random
 import time
 
@@ -28,10 +27,10 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import (DEFAULT_MODEL, SCHEMA_VERSION, DataError, all_sum, barrier, chat_messages, check_fields,
-                    check_output, check_unique, cli, collect_parts, degree_to_vector, dist_setup, file_digest,
-                    is_main, model_stamp, open_partial, parse_degrees, part_path, read_jsonl, resolve_model, setup,
-                    shard, shard_spec, vector_to_weights, write_jsonl)
+from common import (DEFAULT_MODEL, SCHEMA_VERSION, DataError, all_sum, chat_messages, check_fields, check_output,
+                    check_unique, cli, collect_parts, degree_to_vector, dist_setup, drop_logs, file_digest, is_main,
+                    model_stamp, open_partial, parse_degrees, part_path, read_jsonl, resolve_model, setup, shard,
+                    shard_spec, vector_to_weights, write_jsonl)
 
 HINTS = {"plain": None,
          "brief": "Answer in one or two short sentences.",
@@ -195,12 +194,7 @@ def main(argv=None):
             raise DataError(f"{args.out}: the parts hold other samples than these flags draw: merge with the flags "
                             f"that made them")
         write_jsonl(args.out, records)
-    barrier()  # under torchrun: OUT is written before any rank drops its log
-    if os.path.exists(partial):
-        os.remove(partial)
-    if part[2] == "merge":
-        for i in range(part[1]):
-            os.remove(part_path(args.out, i, part[1]))
+    drop_logs(args.out, partial, part)  # after OUT is written: this process's log, and merged parts
     if records is None:  # a --shard job (its part is written) or a rank > 0 (its records went to rank 0)
         print(f"sample: part {part[0]}/{part[1]}: {sum(len(batches[b]) for b in mine)} responses → {mine_out}")
         return

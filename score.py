@@ -38,8 +38,8 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-from common import (ATTRIBUTES, HELPFULNESS, VERBOSITY, DataError, all_sum, barrier, check_fields, check_output,
-                    check_unique, cli, collect_parts, dist_setup, file_digest, is_main, model_stamp, open_partial,
+from common import (ATTRIBUTES, HELPFULNESS, VERBOSITY, DataError, all_sum, check_fields, check_output, check_unique,
+                    cli, collect_parts, dist_setup, drop_logs, file_digest, is_main, model_stamp, open_partial,
                     part_path, read_jsonl, resolve_model, reward_forward, rm_text, setup, shard, shard_spec,
                     write_jsonl)
 from train_rm import ARMO_FILE, compute_features, encode_items, load_armo
@@ -280,12 +280,7 @@ def main(argv=None):
             for r, j in zip(records, judged):
                 r["judge"] = {a: round(float(v), 3) for a, v in zip(ATTRIBUTES, j) if v == v}
         write_jsonl(args.out, records)
-    barrier()  # under torchrun: OUT is written before any rank drops its log
-    if os.path.exists(partial):
-        os.remove(partial)
-    if part[2] == "merge":
-        for i in range(part[1]):
-            os.remove(part_path(args.out, i, part[1]))
+    drop_logs(args.out, partial, part)  # after OUT is written: this process's log, and merged parts
     if scored is None:  # a --shard job (its part is written) or a rank > 0 (its records went to rank 0)
         print(f"score: part {part[0]}/{part[1]}: {len(mine)} responses → {mine_out}")
         return

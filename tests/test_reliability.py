@@ -380,18 +380,23 @@ def test_steer_bad_direction(tmp, tiny_model_dir, args, needle):
 
 
 # --- models: unknown path, hub id offline, remote code, a reward model without the DPA axes
+def minimal_args(tmp, stage):
+    """The smallest valid input flags of a stage, all but its model flag."""
+    p = write(tmp / "p.jsonl", {"id": "a", "prompt": "Q?", "response": "A.", "labels": {HELPFULNESS: 1}})
+    s = write(tmp / "s.jsonl", *good_scored())
+    return {"sample": ("--prompts", p, "--out", tmp / "o.jsonl", *CPU),
+            "score": ("--samples", p, "--out", tmp / "o.jsonl", *CPU),
+            "train_rm": ("--data", p, "--out", tmp / "rm", *CPU),
+            "finetune": ("--scored", s, "--out", tmp / "pol", *CPU),
+            "steer": ("--device", "cpu", "hi")}[stage]
+
+
 @pytest.mark.parametrize("stage, flag", [("sample", "--model"), ("score", "--rm"), ("train_rm", "--backbone"),
                                          ("finetune", "--init"), ("steer", "--model")])
 @pytest.mark.parametrize("name", ["./no/such/model", "some-owner/not-downloaded"])
 def test_unknown_model_fails_fast(tmp, monkeypatch, stage, flag, name):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    p = write(tmp / "p.jsonl", {"id": "a", "prompt": "Q?", "response": "A.", "labels": {HELPFULNESS: 1}})
-    s = write(tmp / "s.jsonl", *good_scored())
-    args = {"sample": ("--prompts", p, "--out", tmp / "o.jsonl", *CPU),
-            "score": ("--samples", p, "--out", tmp / "o.jsonl", *CPU),
-            "train_rm": ("--data", p, "--out", tmp / "rm", *CPU),
-            "finetune": ("--scored", s, "--out", tmp / "pol", *CPU),
-            "steer": ("--device", "cpu", "hi")}[stage]
+    args = minimal_args(tmp, stage)
     t0 = time.time()
     msg = fails(tmp, SystemExit, globals()[stage], flag, name, *args, needles=(name,))
     assert time.time() - t0 < 5
@@ -408,13 +413,7 @@ def test_remote_code_is_refused_and_never_run(tmp, tiny_model_dir, stage, flag):
     cfg = json.loads((evil / "config.json").read_text())
     (evil / "config.json").write_text(json.dumps(dict(cfg, auto_map={"AutoModelForCausalLM": "evil.EvilModel",
                                                                      "AutoConfig": "evil.EvilConfig"})))
-    p = write(tmp / "p.jsonl", {"id": "a", "prompt": "Q?", "response": "A.", "labels": {HELPFULNESS: 1}})
-    s = write(tmp / "s.jsonl", *good_scored())
-    args = {"sample": ("--prompts", p, "--out", tmp / "o.jsonl", *CPU),
-            "score": ("--samples", p, "--out", tmp / "o.jsonl", *CPU),
-            "train_rm": ("--data", p, "--out", tmp / "rm", *CPU),
-            "finetune": ("--scored", s, "--out", tmp / "pol", *CPU),
-            "steer": ("--device", "cpu", "hi")}[stage]
+    args = minimal_args(tmp, stage)
     fails(tmp, SystemExit, globals()[stage], flag, evil, *args,
           needles=(str(evil), "--trust-remote-code", "nothing was run"))
     assert not marker.exists()

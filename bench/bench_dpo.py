@@ -84,16 +84,9 @@ def make_trl(path, tok, pairs, args, dtype, gc, precompute, out_dir):
         "prompt": tok.apply_chat_template(chat_messages(c["prompt"], c["degree"]), tokenize=False,
                                           add_generation_prompt=True),
         "chosen": c["response"], "rejected": r["response"]} for c, r in pairs])
-    cfg = DPOConfig(output_dir=out_dir, per_device_train_batch_size=args.pairs_per_step,
-                    max_steps=args.warmup + args.steps, learning_rate=1.5e-5, beta=0.1, bf16=dtype == torch.bfloat16,
-                    gradient_checkpointing=gc, precompute_ref_log_probs=precompute, use_cpu=True,
-                    max_length=args.seq_len, report_to="none", save_strategy="no", logging_steps=10_000,
-                    disable_tqdm=True, dataloader_num_workers=0, seed=args.seed)
-    timer = B.trl_step_timer()
-    trainer = DPOTrainer(model=model, ref_model=ref_model, args=cfg, train_dataset=data, processing_class=tok,
-                         callbacks=[timer])
-    timer.trainer = trainer
-    return trainer, timer, B.Positions(model.model)
+    return B.trl_trainer(DPOTrainer, DPOConfig, model, args, out_dir, dtype, gc, args.pairs_per_step, 1.5e-5,
+                         beta=0.1, precompute_ref_log_probs=precompute, train_dataset=data, processing_class=tok,
+                         ref_model=ref_model)
 
 
 def main():

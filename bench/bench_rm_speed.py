@@ -73,15 +73,8 @@ def make_trl(path, tok, pairs, args, dtype, gc, out_dir):
     from trl import RewardConfig, RewardTrainer
     model = load_rm(path, 1, tok.pad_token_id, args.freeze_layers)
     data = Dataset.from_list([{"chosen_ids": c["rm_ids"], "rejected_ids": r["rm_ids"]} for c, r in pairs])
-    cfg = RewardConfig(output_dir=out_dir, per_device_train_batch_size=args.pairs_per_step,
-                       max_steps=args.warmup + args.steps, learning_rate=1e-4, bf16=dtype == torch.bfloat16,
-                       gradient_checkpointing=gc, use_cpu=True, max_length=args.seq_len, report_to="none",
-                       save_strategy="no", logging_steps=10_000, disable_tqdm=True, dataloader_num_workers=0,
-                       seed=args.seed)
-    timer = B.trl_step_timer()
-    trainer = RewardTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok, callbacks=[timer])
-    timer.trainer = trainer
-    return trainer, timer, B.Positions(model.model)
+    return B.trl_trainer(RewardTrainer, RewardConfig, model, args, out_dir, dtype, gc, args.pairs_per_step, 1e-4,
+                         train_dataset=data, processing_class=tok)
 
 
 def main():

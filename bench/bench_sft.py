@@ -55,14 +55,8 @@ def make_trl(path, tok, rows, args, dtype, gc, out_dir):
     data = Dataset.from_list([{"input_ids": r["ids"],
                                "completion_mask": [0] * r["n_prompt"] + [1] * (len(r["ids"]) - r["n_prompt"])}
                               for r in rows])
-    cfg = SFTConfig(output_dir=out_dir, per_device_train_batch_size=args.batch_size, max_steps=args.warmup + args.steps,
-                    learning_rate=5e-5, bf16=dtype == torch.bfloat16, gradient_checkpointing=gc, use_cpu=True,
-                    max_length=args.seq_len, completion_only_loss=True, report_to="none", save_strategy="no",
-                    logging_steps=10_000, disable_tqdm=True, dataloader_num_workers=0, seed=args.seed)
-    timer = B.trl_step_timer()
-    trainer = SFTTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok, callbacks=[timer])
-    timer.trainer = trainer
-    return trainer, timer, B.Positions(model.model)
+    return B.trl_trainer(SFTTrainer, SFTConfig, model, args, out_dir, dtype, gc, args.batch_size, 5e-5,
+                         completion_only_loss=True, train_dataset=data, processing_class=tok)
 
 
 def main():

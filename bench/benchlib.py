@@ -124,6 +124,23 @@ def save(name, payload):
     return path
 
 
+def trl_trainer(trainer_cls, config_cls, model, args, out_dir, dtype, gc, batch_size, lr, **extra):
+    """A TRL trainer set up the same way in every bench: CPU, bf16 when the bench's dtype is, gradient checkpointing
+    on or off (gc), warmup + timed steps, no logging, saving or data workers; `extra` holds the tool's own options
+    (config fields, and train_dataset / processing_class / ref_model for the trainer). → (trainer, step timer,
+    positions counter)."""
+    trainer_keys = ("train_dataset", "processing_class", "ref_model")
+    kw = {k: extra.pop(k) for k in trainer_keys if k in extra}
+    cfg = config_cls(output_dir=out_dir, per_device_train_batch_size=batch_size, max_steps=args.warmup + args.steps,
+                     learning_rate=lr, bf16=dtype == torch.bfloat16, gradient_checkpointing=gc, use_cpu=True,
+                     max_length=args.seq_len, report_to="none", save_strategy="no", logging_steps=10_000,
+                     disable_tqdm=True, dataloader_num_workers=0, seed=args.seed, **extra)
+    timer = trl_step_timer()
+    trainer = trainer_cls(model=model, args=cfg, callbacks=[timer], **kw)
+    timer.trainer = trainer
+    return trainer, timer, Positions(model.model)
+
+
 def trl_step_timer():
     """A transformers TrainerCallback that records the wall clock (and TRL's count of real, non-padding tokens) at the
     end of every optimizer step, so a step's time is the gap between two step ends: data loading, collation, forward,

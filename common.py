@@ -212,21 +212,29 @@ def file_digest(path):
     return h.hexdigest()
 
 
-def write_jsonl(path, records):
-    """Write records atomically: a temp file in the same folder, then os.replace."""
+def atomic_write(path, write):
+    """write(tmp) to a temp file in path's folder, then os.replace(tmp, path): readers see the old file or the whole
+    new one, never a part; on any error (or Ctrl-C) the temp file is removed and nothing else changes."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for rec in records:
-                f.write(json.dumps(rec, ensure_ascii=False, allow_nan=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_jsonl(path, records):
+    """Write records atomically (atomic_write), fsynced before the rename."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            for rec in records:
+                f.write(json.dumps(rec, ensure_ascii=False, allow_nan=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    atomic_write(path, write)
 
 
 def _same_path(a, b):
@@ -346,15 +354,7 @@ def set_rng_state(state):
 
 def save_checkpoint(path, state):
     """torch.save to a temp file in the same folder, then os.replace: a crash leaves the previous checkpoint."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path, fingerprint):

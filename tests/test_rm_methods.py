@@ -19,6 +19,7 @@ import torch
 
 import rm_data
 import score
+import armo
 import train_rm
 from common import (ATTRIBUTES, DPA_RM_TEMPLATE, HELPFULNESS, VERBOSITY, DataError, read_jsonl, reward_forward,
                     rm_prompt_text, rm_text)
@@ -114,7 +115,7 @@ def test_offline_hub_dataset_fails_fast(tiny_model_dir, tmp_path):
 def test_ridge_path_matches_direct_solve():
     g = torch.Generator().manual_seed(0)
     X, y = torch.randn(30, 8, generator=g, dtype=torch.float64), torch.randn(30, generator=g, dtype=torch.float64)
-    W = train_rm.ridge_path(X, y, [1e-3, 1.0, 50.0])
+    W = armo.ridge_path(X, y, [1e-3, 1.0, 50.0])
     for w, a in zip(W, [1e-3, 1.0, 50.0]):
         direct = torch.linalg.solve(X.T @ X + a * torch.eye(8, dtype=torch.float64), X.T @ y)
         aug = torch.linalg.lstsq(torch.cat([X, math.sqrt(a) * torch.eye(8, dtype=torch.float64)]),
@@ -130,11 +131,11 @@ def test_fit_probe_ignores_missing_labels_and_picks_alpha():
     Y[:30, 0] = F[:30] @ w_true       # noise-free: the smallest α wins
     Y[30:, 0] = float("nan")
     Y[::2, 1] = (F[::2] @ w_true) + 5  # objective 1: only every other row labelled
-    W, alpha, sweep = train_rm.fit_probe(F, Y, list(range(0, 24)), list(range(24, 40)), [1e-4, 1.0, 1e4])
+    W, alpha, sweep = armo.fit_probe(F, Y, list(range(0, 24)), list(range(24, 40)), [1e-4, 1.0, 1e4])
     assert alpha[0] == 1e-4 and torch.allclose(W[0], w_true, atol=1e-3)
     assert sweep[0][0] < sweep[0][1] < sweep[0][2]
     lab = [i for i in range(40) if i % 2 == 0]  # objective 1's refit uses exactly its labelled rows
-    ref = train_rm.ridge_path(F[lab], Y[lab, 1], [alpha[1]])[0].float()
+    ref = armo.ridge_path(F[lab], Y[lab, 1], [alpha[1]])[0].float()
     assert torch.allclose(W[1], ref, atol=1e-5)
     assert alpha[2] is None and W[2].abs().sum() == 0  # never labelled: zero weights
 
@@ -142,9 +143,9 @@ def test_fit_probe_ignores_missing_labels_and_picks_alpha():
 def test_spearman_matches_numpy_version_with_ties():
     x = torch.tensor([1.0, 2, 2, 3, 5, 5, 5, 0])
     y = torch.tensor([3.0, 1, 4, 1, 5, 9, 2, 6])
-    assert train_rm.spearman(x, y) == pytest.approx(spearman_np(x.numpy(), y.numpy()), abs=1e-12)
-    assert train_rm.average_ranks(x).tolist() == [1, 2.5, 2.5, 4, 6, 6, 6, 0]
-    assert math.isnan(train_rm.spearman(torch.ones(5), torch.arange(5.0)))
+    assert armo.spearman(x, y) == pytest.approx(spearman_np(x.numpy(), y.numpy()), abs=1e-12)
+    assert armo.average_ranks(x).tolist() == [1, 2.5, 2.5, 4, 6, 6, 6, 0]
+    assert math.isnan(armo.spearman(torch.ones(5), torch.arange(5.0)))
 
 
 def test_debias_matrix_properties():
@@ -158,12 +159,12 @@ def test_debias_matrix_properties():
     R[:, 1] = -0.5 * v + torch.randn(N, generator=g)  # anti-correlated: λ = 0
     R[:, 3] = 4.0 * v                                 # rank-identical to verbosity: no λ ≤ .95 helps → 1
     R[:, 4] = 7.0                                     # constant: uncorrelated → 0
-    T, lam = train_rm.debias_matrix(R, verb, threshold=0.03)
-    grid = train_rm.DEBIAS_GRID
+    T, lam = armo.debias_matrix(R, verb, threshold=0.03)
+    grid = armo.DEBIAS_GRID
     assert lam[verb] == 1 and lam[1] == 0 and lam[3] == 1 and lam[4] == 0
     assert 0 < lam[0] < 1
     k = min(range(len(grid)), key=lambda j: abs(grid[j] - lam[0].item()))  # λ_0 is the smallest passing value
-    assert train_rm.spearman(R[:, 0] - grid[k] * v, v) <= 0.03 < train_rm.spearman(R[:, 0] - grid[k - 1] * v, v)
+    assert armo.spearman(R[:, 0] - grid[k] * v, v) <= 0.03 < armo.spearman(R[:, 0] - grid[k - 1] * v, v)
     assert torch.all(T[:, verb] == 0)                 # r'_verb ≡ 0
     assert torch.allclose(R @ T, R - lam[None, :] * v[:, None])
     assert torch.equal(T + torch.outer(torch.eye(K)[verb], lam), torch.eye(K))  # T = I − e_verb λᵀ
@@ -172,13 +173,13 @@ def test_debias_matrix_properties():
 def test_bt_loss_exact():
     sc, sr = torch.tensor([1.0, 0.0, -1.0]), torch.tensor([0.0, 0.0, 1.0])
     expected = (math.log(1 + math.exp(-1)) + math.log(2) + math.log(1 + math.exp(2))) / 3
-    assert train_rm.bt_loss(sc, sr).item() == pytest.approx(expected, rel=1e-6)
+    assert armo.bt_loss(sc, sr).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_gate_softmax_over_objectives_and_score_invariant():
     torch.manual_seed(0)
     K, H = 4, 6
-    gate = train_rm.GatingNetwork(H, K, hidden=8, n_hidden=3, temperature=10.0,
+    gate = armo.GatingNetwork(H, K, hidden=8, n_hidden=3, temperature=10.0,
                                   active=torch.tensor([True, True, False, True])).eval()
     assert sum(isinstance(m, torch.nn.Linear) for m in gate.mlp) == 4  # 3 hidden layers + output
     with torch.no_grad():
@@ -189,7 +190,7 @@ def test_gate_softmax_over_objectives_and_score_invariant():
     logits = gate.mlp(f_prompt)[:, [0, 1, 3]] / 10.0
     assert torch.allclose(g[:, [0, 1, 3]], 1.7 * torch.softmax(logits, -1))
     W, T = torch.randn(K, H), torch.eye(K) - torch.outer(torch.eye(K)[1], torch.tensor([0.2, 1.0, 0.0, 0.5]))
-    rewards, gating, s = train_rm.ArmoHead(W, T, gate)(f_resp, f_prompt)
+    rewards, gating, s = armo.ArmoHead(W, T, gate)(f_resp, f_prompt)
     assert torch.allclose(rewards, f_resp @ W.T)
     assert torch.allclose(s, (rewards * (gating @ T.T)).sum(-1), atol=1e-5)  # score = Σ r·(g Tᵀ)
     assert not torch.allclose(s, (rewards * gating).sum(-1))                 # and T is really applied
@@ -200,7 +201,7 @@ def test_user_turn_end_from_the_template(tokenizer):
     for template in ("chat", "dpa"):
         full = rm_text(tokenizer, prompt, response, template)
         enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-        i = train_rm.user_turn_end(full, rm_prompt_text(tokenizer, prompt, template), enc["offset_mapping"])
+        i = armo.user_turn_end(full, rm_prompt_text(tokenizer, prompt, template), enc["offset_mapping"])
         head = tokenizer.decode(enc["input_ids"][:i + 1])
         if template == "chat":  # the end-of-turn token that closes the user turn
             assert enc["input_ids"][i] == tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -209,9 +210,9 @@ def test_user_turn_end_from_the_template(tokenizer):
             assert head.endswith(prompt) or head.endswith(prompt[:-1])
             assert prompt not in tokenizer.decode(enc["input_ids"][i + 1:])
     # hand-made offsets: the token covering the prompt's last character, even when merged across the boundary
-    assert train_rm.user_turn_end("ab|cd", "ab", [(0, 1), (1, 3), (3, 5)]) == 1
+    assert armo.user_turn_end("ab|cd", "ab", [(0, 1), (1, 3), (3, 5)]) == 1
     with pytest.raises(ValueError, match="end of the user turn cannot be located"):
-        train_rm.user_turn_end("<<q>>a", "q", [(0, 6)])
+        armo.user_turn_end("<<q>>a", "q", [(0, 6)])
 
 
 def test_user_turn_end_error_through_encode(tokenizer):
@@ -220,7 +221,7 @@ def test_user_turn_end_error_through_encode(tokenizer):
     tok.chat_template = "{% for m in messages %}{% if loop.last %}<<{{ m.content }}>>{% else %}{{ m.content }}|" \
                         "{% endif %}{% endfor %}"
     with pytest.raises(SystemExit, match="end of the user turn cannot be located"):
-        train_rm.encode_items(tok, [("q", "a")], "chat", 64)
+        armo.encode_items(tok, [("q", "a")], "chat", 64)
 
 
 # ============================================================================= the three methods, end to end
@@ -279,14 +280,14 @@ def test_probe_and_gate_folders(trained):
     for m in (pm, gm):
         assert m["attributes"] == ATTRIBUTES and m["scale"] == [0, 100] and m["template"] == "chat"
         assert os.path.isdir(m["backbone"])
-    assert pm["ridge_alpha"][HELPFULNESS] in train_rm.RIDGE_ALPHAS
+    assert pm["ridge_alpha"][HELPFULNESS] in armo.RIDGE_ALPHAS
     assert pm["ridge_alpha"]["ultrafeedback-honesty"] is None  # never labelled
     assert gm["debias"]["lambda"][VERBOSITY] == 1.0 and gm["gate"]["n_hidden"] == 3
     # same features and split: the gate's per-attribute held-out metrics are the probe's
     pe, ge = (json.loads((d / "eval.json").read_text()) for d in (probe, gate))
     assert pe[VERBOSITY] == ge[VERBOSITY] and pe[HELPFULNESS]["n"] == 8
     assert 0 <= ge["pairwise"]["accuracy_score"] <= 1
-    head, meta = train_rm.load_armo(str(gate))
+    head, meta = armo.load_armo(str(gate))
     assert head.gate is not None and torch.all(head.reward_transform_matrix[:, ATTRIBUTES.index(VERBOSITY)] == 0)
     assert head.gate.active.tolist() == [a is not None for a in gm["ridge_alpha"].values()]
 
@@ -319,11 +320,11 @@ def test_score_our_formats(trained, samples, tmp_path, tokenizer, method):
         return
     # probe/gate: each record equals the head on that record's own features (batch of one, no padding)
     from transformers import AutoModel
-    head, meta = train_rm.load_armo(str(folder))
+    head, meta = armo.load_armo(str(folder))
     backbone = AutoModel.from_pretrained(meta["backbone"], dtype=torch.float32).eval()
     for r in recs:
-        enc = train_rm.encode_items(tokenizer, [(r["prompt"], r["response"])], "chat", 320)
-        f, fp, _ = train_rm.compute_features(backbone, enc, 1, "cpu", contextlib.nullcontext)
+        enc = armo.encode_items(tokenizer, [(r["prompt"], r["response"])], "chat", 320)
+        f, fp, _ = armo.compute_features(backbone, enc, 1, "cpu", contextlib.nullcontext)
         with torch.no_grad():
             rw, g, s = head(f, fp)
         assert [r["rewards"][a] for a in ATTRIBUTES] == pytest.approx(rw[0].tolist(), abs=2e-3)

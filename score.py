@@ -38,11 +38,11 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
+from armo import ARMO_FILE, compute_features, encode_items, load_armo
 from common import (ATTRIBUTES, HELPFULNESS, VERBOSITY, DataError, all_sum, check_fields, check_output, check_unique,
                     cli, collect_parts, dist_setup, drop_logs, file_digest, is_main, model_stamp, open_partial,
                     part_path, read_jsonl, resolve_model, reward_forward, rm_text, setup, shard, shard_spec,
                     write_jsonl)
-from armo import ARMO_FILE, compute_features, encode_items, load_armo
 
 # RLHFlow/ArmoRM-Llama3-8B-v0.1's objectives, in its output order (dpa_armo.md §2.1)
 ARMO_OBJECTIVES = ATTRIBUTES + [

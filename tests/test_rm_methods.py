@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
+import armo
 import rm_data
 import score
-import armo
 import train_rm
 from common import (ATTRIBUTES, DPA_RM_TEMPLATE, HELPFULNESS, VERBOSITY, DataError, read_jsonl, reward_forward,
                     rm_prompt_text, rm_text)

@@ -1,7 +1,7 @@
 """Preference objectives on real human pairs: DPO vs RPO (paired, unpaired) vs SFT on the chosen answers.
 
 Data: Anthropic HH-RLHF helpful-base, test split (../shared/data/hh_rlhf_helpful, read in place, never copied into the
-repository). finetune.read_prefs splits each dialogue pair into prompt turns + chosen/rejected answer. Pairs whose
+repository). pref_data.read_prefs splits each dialogue pair into prompt turns + chosen/rejected answer. Pairs whose
 prompt and both answers fit --max-len tokens under the SmolLM2 chat template (so nothing is cut) are shuffled with
 --seed; the first --train are the training pairs (written to OUT/train.jsonl in TRL conversational form, which
 finetune.py reads back), the next --heldout are held out.
@@ -34,7 +34,8 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from common import DEFAULT_MODEL, resolve_model, setup, write_jsonl  # noqa: E402
-from finetune import collate, encode, read_prefs, token_logps  # noqa: E402
+from finetune import collate, encode, token_logps  # noqa: E402
+from pref_data import read_prefs  # noqa: E402
 
 HH = os.path.join(REPO, "..", "shared", "data", "hh_rlhf_helpful", "helpful-base_test.jsonl.gz")
 

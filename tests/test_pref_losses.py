@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import finetune
+import pref_data
 from common import DataError, chat_messages
 from test_stages import scored_records, write_lines
 
@@ -154,7 +155,7 @@ def test_read_prefs_each_format(tmp_path):
         {"chosen": HH_A + " Blue, like the sky.", "rejected": HH_A + " I won't."},                      # HH-RLHF
         {"chosen": HH_A + " Um.\n\nAssistant: Teal.", "rejected": HH_A + " Pass."},                     # 2nd turn
     ])
-    rows, skipped = finetune.read_prefs(str(path))
+    rows, skipped = pref_data.read_prefs(str(path))
     assert skipped == 1 and len(rows) == 5
     assert [(r["chosen"], r["rejected"]) for r in rows] == [
         ("Blue.", "Dunno."), ("Red.", "No."), ("Green.", "Why?"), ("Blue, like the sky.", "I won't."),
@@ -170,7 +171,7 @@ def test_read_prefs_each_format(tmp_path):
     # the same rows from a gzip file
     gz = tmp_path / "prefs.jsonl.gz"
     gz.write_bytes(gzip.compress(path.read_bytes()))
-    assert finetune.read_prefs(str(gz)) == (rows, 1)
+    assert pref_data.read_prefs(str(gz)) == (rows, 1)
 
 
 @pytest.mark.parametrize("record, message", [
@@ -188,7 +189,7 @@ def test_read_prefs_each_format(tmp_path):
 def test_read_prefs_errors_name_file_line_and_field(tmp_path, record, message):
     path = write_lines(tmp_path / "bad.jsonl", [{"prompt": "ok", "chosen": "a", "rejected": "b"}, record])
     with pytest.raises(DataError) as err:
-        finetune.read_prefs(str(path))
+        pref_data.read_prefs(str(path))
     assert str(err.value).startswith(str(path)) and message in str(err.value)
 
 
@@ -200,21 +201,21 @@ def test_prefs_use_the_plain_chat_template(tokenizer):
     text = tokenizer.decode(ids[:n])
     assert text == tokenizer.apply_chat_template(CONV_PROMPT, tokenize=False, add_generation_prompt=True)
     assert "weighted rating" not in text and "Be brief." in text
-    assert finetune.prompt_text(CONV_PROMPT) == "system: Be brief.\nuser: Name a colour."
+    assert pref_data.prompt_text(CONV_PROMPT) == "system: Be brief.\nuser: Name a colour."
 
 
 # ----------------------------------------------------------------------------- prompt embeddings
 def test_embed_prompts_minilm_once_then_cached(tmp_path, monkeypatch):
     texts = ["How do I boil an egg?", "How long should eggs boil?", "Explain the causes of inflation.",
              "How do I boil an egg?"]
-    emb = finetune.embed_prompts(texts, finetune.DEFAULT_EMBEDDER, str(tmp_path))
+    emb = pref_data.embed_prompts(texts, pref_data.DEFAULT_EMBEDDER, str(tmp_path))
     assert emb.shape == (4, 384) and emb.dtype == torch.float32
     assert torch.allclose(emb.norm(dim=1), torch.ones(4), atol=1e-5) and torch.equal(emb[0], emb[3])
     cos = emb @ emb.T
     assert cos[0, 1] > 0.6 > 0.2 > cos[0, 2]  # a real sentence embedder: the two egg questions are close
     assert len(list(tmp_path.iterdir())) == 1  # one file for the dataset
-    monkeypatch.setattr(finetune, "minilm_dir", lambda: pytest.fail("embedded again instead of read from the cache"))
-    assert torch.equal(finetune.embed_prompts(texts, finetune.DEFAULT_EMBEDDER, str(tmp_path)), emb)
+    monkeypatch.setattr(pref_data, "minilm_dir", lambda: pytest.fail("embedded again instead of read from the cache"))
+    assert torch.equal(pref_data.embed_prompts(texts, pref_data.DEFAULT_EMBEDDER, str(tmp_path)), emb)
 
 
 # ----------------------------------------------------------------------------- finetune.py end to end

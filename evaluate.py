@@ -79,32 +79,44 @@ def rerank(records, degrees):
 
 
 def summary(rows, base=None):
-    """Controllability of one policy: Spearman(θ, verbosity), Spearman(θ, length), length ratio max θ / min θ.
-    With the base policy's rows (same angles) also the comparison DPA's figures make:
-      help_0_gain   helpfulness at θ = 0 minus the base's (training must not buy control with quality)
-      front_wins    at how many angles the policy's mean point lies beyond the base's in the direction v, i.e. a higher
-                    mean directional reward vᵀr̄ = cos θ·help + sin θ·verb: the front moved outwards there"""
+    """Controllability of one policy: Spearman(θ, verbosity), Spearman(θ, length), length ratio max θ / min θ, the
+    worst truncation rate, and how many neighbouring angles differ in mean tokens by more than twice the standard
+    error of their difference (a dial the sample size can resolve). With the base policy's rows (same angles) also
+    the comparison DPA's figures make:
+      help_0_gain      helpfulness at θ = 0 minus the base's (training must not buy control with quality)
+      judge_help_wins  at how many angles the judge's helpfulness is at least the base's
+      front_wins       at how many angles the policy's mean point lies beyond the base's in the direction v, i.e. a
+                       higher mean directional reward vᵀr̄ = cos θ·help + sin θ·verb: the front moved outwards there"""
     deg = [r["degree"] for r in rows]
     out = {"policy": rows[0]["policy"], "spearman_verb": spearman(deg, [r["verb"] for r in rows]),
            "spearman_len": spearman(deg, [r["tokens"] for r in rows]),
-           "len_ratio": rows[-1]["tokens"] / max(rows[0]["tokens"], 1e-9)}
+           "len_ratio": rows[-1]["tokens"] / max(rows[0]["tokens"], 1e-9),
+           "max_truncated": max(r["truncated"] for r in rows),
+           "adjacent_separated": sum(b["tokens"] - a["tokens"] > 2 * math.hypot(a["tokens_se"], b["tokens_se"])
+                                     for a, b in zip(rows, rows[1:])),
+           "adjacent_pairs": len(rows) - 1}
     if base is not None:
         ref = {r["degree"]: r for r in base}
         common = [r for r in rows if r["degree"] in ref]
         vr = lambda r: float(degree_to_vector(r["degree"]) @ np.array([r["help"], r["verb"]]))  # noqa: E731
         out["front_wins"] = sum(vr(r) > vr(ref[r["degree"]]) for r in common)
         out["front_angles"] = len(common)
+        if all("judge_help" in r for r in common + base):
+            out["judge_help_wins"] = sum(r["judge_help"] >= ref[r["degree"]]["judge_help"] for r in common)
         zero = [r for r in common if r["degree"] == 0]
         out["help_0_gain"] = zero[0]["help"] - ref[0.0]["help"] if zero else float("nan")
     return out
 
 
 def targets_met(s):
-    """The steering targets of the default run (README): Spearman(θ, verbosity) ≥ 0.9, length ratio ≥ 1.5,
-    helpfulness at 0° not below the base's, front beyond the base's at ≥ 5 of 7 angles. → {target: bool}"""
-    return {"spearman_verb>=0.9": s["spearman_verb"] >= 0.9, "len_ratio>=1.5": s["len_ratio"] >= 1.5,
-            "help_0>=base": s.get("help_0_gain", float("nan")) >= 0,
-            "front_wins>=5/7": s.get("front_wins", 0) >= 5 * s.get("front_angles", 7) / 7}
+    """The steering targets of the default run (README): Spearman(θ, tokens) and Spearman(θ, verbosity) ≥ 0.95,
+    tokens at the largest θ ≥ 2.3 × at the smallest (the paper's 763 → 1778 characters), the judge's helpfulness at
+    least the base's at every angle, the front beyond the base's at every angle, at most 20 % truncated at any angle.
+    → {target: bool}"""
+    every = s.get("front_angles", -1)
+    return {"spearman_len>=0.95": s["spearman_len"] >= 0.95, "spearman_verb>=0.95": s["spearman_verb"] >= 0.95,
+            "len_ratio>=2.3": s["len_ratio"] >= 2.3, "judge_help>=base_all": s.get("judge_help_wins", -2) == every,
+            "front_wins_all": s.get("front_wins", -2) == every, "truncated<=20%": s["max_truncated"] <= 0.2}
 
 
 def plot(rows, path):
@@ -177,7 +189,11 @@ def main(argv=None):
         print(f"evaluate: {s['policy']:10s} | spearman(θ, verbosity) {s['spearman_verb']:+.2f} | "
               f"spearman(θ, length) {s['spearman_len']:+.2f} | length ratio max/min θ {s['len_ratio']:.2f}"
               + (f" | help at 0° vs base {s['help_0_gain']:+.1f} | front beyond base at {s['front_wins']}/"
-                 f"{s['front_angles']} angles | targets met {sum(targets_met(s).values())}/4" if "front_wins" in s else ""))
+                 f"{s['front_angles']} angles" + (f" | judge help ≥ base at {s['judge_help_wins']}" if "judge_help_wins" in s
+                                                  else "") + f" | targets met {sum(targets_met(s).values())}/6"
+                 if "front_wins" in s else "")
+              + f" | max truncated {s['max_truncated']:.0%} | neighbours apart > 2 SE {s['adjacent_separated']}/"
+                f"{s['adjacent_pairs']}")
     write_jsonl(args.out + "_summary.jsonl", [{k: (None if v != v else v) for k, v in s.items()} for s in summaries])
 
 

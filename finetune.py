@@ -12,6 +12,9 @@ starting policy). Pairs come from the scores:
   --pairs mirrored    y⁺ = argmax R_{+a}, y⁻ = argmax R_{−a}; two pairs with the preference flipped by the
                       direction: system(+a): y⁺ ≻ y⁻ and system(−a): y⁻ ≻ y⁺ (the contrast teaches v, not a mean)
   --pairs best-worst  per (prompt, sampled θ): best vs worst by R_θ under system(θ)
+  --pairs neighbours  along --pair-degrees a1 < a2 < …: where the winners y1 = argmax R_{a1}, y2 = argmax R_{a2} of
+                      neighbouring angles differ, system(a2): y2 ≻ y1 and system(a1): y1 ≻ y2 (order along θ,
+                      not only its sign)
 --nll-coef adds the SFT loss on the chosen responses, which keeps them fluent.
 RPO (--loss rpo_paired | rpo_unpaired): Relative Preference Optimization (Yin et al. 2024, arXiv 2402.10958; not
 NeMo-Aligner's reward-aware RPO nor TRL's former rpo_alpha). Every chosen answer of a micro-batch is contrasted with
@@ -107,7 +110,7 @@ def select_pairs(records, rewards, pairs, pair_degrees):
     """Preference pairs [(prompt, degree, chosen, rejected, …)] from scored samples (see the module docstring)."""
     groups = defaultdict(list)
     for i, r in enumerate(records):
-        groups[r["prompt_id"] if pairs == "mirrored" else (r["prompt_id"], r["degree"])].append(i)
+        groups[(r["prompt_id"], r["degree"]) if pairs == "best-worst" else r["prompt_id"]].append(i)
     out = []
 
     def pair(deg, c, r, group):
@@ -122,12 +125,74 @@ def select_pairs(records, rewards, pairs, pair_degrees):
                 if up != down:  # the same answer wins both ways: nothing to contrast
                     pair(a, up, down, f"{key}/{a:g}")
                     pair(-a, down, up, f"{key}/{a:g}")
+        elif pairs == "neighbours":
+            angles = sorted(pair_degrees)
+            wins = [idx[best_of_n(rewards[idx], degree_to_vector(a))] for a in angles]
+            for a1, a2, y1, y2 in zip(angles, angles[1:], wins, wins[1:]):
+                if y1 != y2:
+                    pair(a2, y2, y1, f"{key}/{a1:g}:{a2:g}")
+                    pair(a1, y1, y2, f"{key}/{a1:g}:{a2:g}")
         else:
             deg = records[idx[0]]["degree"]
             scores = directional_reward(rewards[idx], degree_to_vector(deg))
             if scores.max() > scores.min():
                 pair(deg, idx[int(np.argmax(scores))], idx[int(np.argmin(scores))], str(key))
     return out
+
+
+# ----------------------------------------------------------------------------- target diagnostic
+GRID = [float(d) for d in range(-45, 50, 5)]  # the fine grid of the target diagnostic
+
+
+def flip_degree(ra, rb):
+    """The angle where answers a and b tie under vᵀr: cos θ·Δh + sin θ·Δv = 0 → θ* = atan(−Δh/Δv), in degrees.
+    ra, rb: (K,) rewards in ATTRIBUTES order; a wins below θ*, b above it when b is the more verbose one."""
+    dh = ra[ATTRIBUTES.index(HELPFULNESS)] - rb[ATTRIBUTES.index(HELPFULNESS)]
+    dv = ra[ATTRIBUTES.index(VERBOSITY)] - rb[ATTRIBUTES.index(VERBOSITY)]
+    return math.degrees(math.atan(-dh / dv)) if dv else (90.0 if dh > 0 else -90.0)
+
+
+def target_curve(records, rewards, degrees=GRID):
+    """What RSF would learn, before any training: per θ of the grid the mean words, helpfulness and verbosity of the
+    best-by-vᵀr answer of every prompt, and the angles where a prompt's winner flips between neighbouring grid points.
+    A dial needs words rising over the whole grid and flips spread over it; a switch shows flat ends and every flip
+    near 0°. → (rows [{degree, words, help, verb, distinct}], flips [degrees])"""
+    groups = defaultdict(list)
+    for i, r in enumerate(records):
+        groups[r["prompt_id"]].append(i)
+    best = {deg: [] for deg in degrees}
+    flips = []
+    for idx in groups.values():
+        winners = [idx[best_of_n(rewards[idx], degree_to_vector(deg))] for deg in degrees]
+        for deg, w in zip(degrees, winners):
+            best[deg].append(w)
+        flips += [flip_degree(rewards[a], rewards[b]) for a, b in zip(winners, winners[1:]) if a != b]
+    h, v = ATTRIBUTES.index(HELPFULNESS), ATTRIBUTES.index(VERBOSITY)
+    rows = [{"degree": deg, "words": float(np.mean([len(records[w]["response"].split()) for w in ws])),
+             "help": float(rewards[ws, h].mean()), "verb": float(rewards[ws, v].mean()),
+             "distinct": len(set(ws)) / len(ws)} for deg, ws in best.items()]
+    return rows, flips
+
+
+def rank_corr(x, y):
+    """Spearman's ρ: Pearson correlation of the ranks, tied values sharing their mean rank; NaN if a side is constant."""
+    def ranks(a):
+        s = np.sort(a)
+        return (np.searchsorted(s, a, "left") + np.searchsorted(s, a, "right") - 1) / 2
+    rx, ry = ranks(np.asarray(x, float)), ranks(np.asarray(y, float))
+    return float(np.corrcoef(rx, ry)[0, 1]) if rx.std() and ry.std() else float("nan")
+
+
+def print_target_curve(records, rewards, source):
+    rows, flips = target_curve(records, rewards)
+    near = sum(abs(f) <= 10 for f in flips) / max(1, len(flips))
+    rho = rank_corr([r["degree"] for r in rows], [r["words"] for r in rows])
+    print(f"finetune: best-by-vᵀr answers of {source} per θ (the RSF targets' shape; a dial rises over the whole grid)")
+    for key, fmt in (("degree", "{:5.0f}"), ("words", "{:5.0f}"), ("help", "{:5.1f}"), ("verb", "{:5.1f}")):
+        print(f"  {key:>6} " + " ".join(fmt.format(r[key]) for r in rows))
+    print(f"  Spearman(θ, words) {rho:+.3f} over {len(rows)} angles | {len(flips)} flips, {near:.0%} within ±10° "
+          f"(quartiles {' / '.join(f'{q:+.0f}' for q in np.percentile(flips, [25, 50, 75]))})" if flips else
+          f"  Spearman(θ, words) {rho:+.3f} | no flips: every prompt has one winner at every θ")
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -300,8 +365,12 @@ def main(argv=None):
     p.add_argument("--loss", default="sft", choices=["sft", "dpo", "rpo_paired", "rpo_unpaired"])
     p.add_argument("--select", default="sampled", choices=["sampled", "hindsight"], help="RSF targets (sft)")
     p.add_argument("--target-degrees", default="-45,-15,15,45", help="directions for --select hindsight")
-    p.add_argument("--pairs", default="mirrored", choices=["mirrored", "best-worst"], help="DPO/RPO pairs (--scored)")
-    p.add_argument("--pair-degrees", default="45", help="angles a for --pairs mirrored (pairs at ±a)")
+    p.add_argument("--pairs", default="mirrored", choices=["mirrored", "best-worst", "neighbours"],
+                   help="DPO/RPO pairs (--scored)")
+    p.add_argument("--pair-degrees", default="45",
+                   help="angles a for --pairs mirrored (pairs at ±a); the ascending angles of --pairs neighbours")
+    p.add_argument("--diagnose", action="store_true",
+                   help="print the best-by-vᵀr answers per θ of --scored (the target diagnostic) and exit")
     p.add_argument("--max-len", type=int, default=320, help="tokens per row (system + prompt + response)")
     # Model
     p.add_argument("--init", default=DEFAULT_MODEL, help="policy to start from (and DPO/RPO reference)")
@@ -370,6 +439,9 @@ def main(argv=None):
             lines, records, rewards = [lines[k] for k in keep], [records[k] for k in keep], rewards[keep]
         for i, r in zip(lines, records):
             prompt_line.setdefault(r["prompt"], i)
+        print_target_curve(records, rewards, args.scored)
+        if args.diagnose:
+            return
         if args.loss == "sft":
             rows = select_sft(records, rewards, args.select, target_degrees)
         else:

@@ -2,13 +2,16 @@
 
 Seeded and transparent, in three steps:
  1. Responses: for every training prompt, sample.py's sampler draws --n responses from the embedded policy at a random
-    direction, each under a random length hint (plain / brief / detail), so lengths and quality vary widely.
+    direction, each under a random length hint (plain / brief / detail), so lengths and quality vary widely. Each
+    response is then replaced by one of {itself, its sentence-boundary prefixes} drawn at random (sample.py
+    --prefixes), so the ratings cover every length from one sentence to the token cap, as the policy's candidate
+    pools do.
  2. Hard negatives, made without sampling (fractions of the sampled rows): a response paired with another prompt
     (off-topic), a response cut mid-way (truncated), and a response with a sentence repeated (repetitive).
  3. Labels: judge.py rates every row on the 0-100 scale (helpfulness, coherence, complexity, verbosity); the other six
     attributes stay null and are masked in train_rm.py.
 
-The committed file was made by the command below (≈ 6 min on 2 CPU cores). With real data, train on HelpSteer or
+The committed file was made by the command below (≈ 8 min on 2 CPU cores). With real data, train on HelpSteer or
 UltraFeedback ratings instead: any JSONL of {prompt, response, labels: {attribute: 0-100 or null}} works.
 
     python make_demo_data.py --prompts data/prompts_train.jsonl --out data/rm_train.jsonl
@@ -62,12 +65,15 @@ def main():
         for h, hint in enumerate(("plain", "brief", "detail")):
             part = os.path.join(tmp, f"{hint}.jsonl")
             write_jsonl(part, [r for i, r in enumerate(prompts) if (i + h) % 3 != 0])
-            subprocess.run([sys.executable, "sample.py", "--prompts", part, "--out", part + ".out", "--n", "1",
+            subprocess.run([sys.executable, "sample.py", "--prompts", part, "--out", part + ".out", "--n", "1", "--prefixes",
                             "--hints", hint, "--seed", str(args.seed + h), "--temperature", "0.9",
                             "--max-new-tokens", str(args.max_new_tokens)], check=True)
-            rows += read_jsonl(part + ".out")
-    rows = [dict(r, kind="sampled") for r in rows]
-    rows += negatives(rows, rng, args.negatives)
+            drawn = {}
+            for r in read_jsonl(part + ".out"):  # an answer, then its prefixes
+                drawn.setdefault(r.get("prefix_of", r["id"]), []).append(r)
+            rows += [rng.choice(versions) for versions in drawn.values()]
+    rows = [dict(r, kind="prefix" if "prefix_of" in r else "sampled") for r in rows]
+    rows += negatives(rows, rng, args.negatives)  # of full answers and prefixes alike
     labels = Judge().rate([r["prompt"] for r in rows], [r["response"] for r in rows], [r["truncated"] for r in rows])
     out = [{"id": r["id"], "prompt_id": r["prompt_id"], "prompt": r["prompt"], "response": r["response"],
             "kind": r["kind"], "truncated": r["truncated"], "degree": r["degree"], "hint": r["hint"],
@@ -76,7 +82,7 @@ def main():
             "schema_version": SCHEMA_VERSION} for r, lab in zip(rows, labels)]
     rng.shuffle(out)
     write_jsonl(args.out, out)
-    print(f"make_demo_data: {len(out)} rows ({sum(r['kind'] == 'sampled' for r in out)} sampled) → {args.out}")
+    print(f"make_demo_data: {len(out)} rows ({sum(r['kind'] == 'sampled' for r in out)} sampled, {sum(r['kind'] == 'prefix' for r in out)} prefixes) → {args.out}")
 
 
 if __name__ == "__main__":

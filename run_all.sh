@@ -16,9 +16,14 @@ OUT=${OUT:-runs/demo}           # everything this run writes
 MODEL=${MODEL:-embedded:SmolLM2-135M-Instruct}   # starting policy and RM backbone
 SEED=${SEED:-0}
 ROUNDS=${ROUNDS:-1}             # DPA iterations t = 1..ROUNDS
-RECIPE=${RECIPE:-explore}       # explore: exploration hints + hindsight RSF + mirrored DPO; paper: plain RSF
+RECIPE=${RECIPE:-explore}       # explore: exploration hints and prefixes + hindsight RSF + neighbour DPO; paper: plain RSF
 DPO_LR=${DPO_LR:-1.5e-5}        # peak learning rate of the mirrored DPO step (cosine decay to 10%)
 CKPT_EVERY=${CKPT_EVERY:-25}    # training checkpoint every N steps (1.4 GB, ≈ 3 s each); a rerun resumes from it
+TARGET_DEGREES=${TARGET_DEGREES:--45,-30,-15,0,15,30,45}   # hindsight RSF targets: the best answer at each angle
+SFT_EPOCHS=${SFT_EPOCHS:-1}
+PAIRS=${PAIRS:-neighbours}      # DPO/RPO pairs: neighbours (order along θ) | mirrored (±a, the sign of the weight)
+PAIR_DEGREES=${PAIR_DEGREES:--45,0,45}   # neighbours: ascending angles; mirrored: a for pairs at ±a
+DPO_EPOCHS=${DPO_EPOCHS:-1}
 PREF=${PREF:-dpo}               # explore recipe, preference step after hindsight RSF: dpo | rpo_paired | rpo_unpaired
                                 # (Relative Preference Optimization, arXiv 2402.10958) | none (RSF only); same flags
 case "$PREF" in dpo|rpo_paired|rpo_unpaired|none) ;; *) echo "error: PREF=$PREF (dpo|rpo_paired|rpo_unpaired|none)" >&2; exit 2;; esac
@@ -27,12 +32,12 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
   OUT=${OUT%/demo}/smoke; N_TRAIN=6; N_EVAL=3; N_SAMPLES=1; MAX_NEW=24; RM_STEPS=3; SFT_STEPS=2; DPO_STEPS=2
   EVAL_DEGREES=-45,0,45
 else
-  N_TRAIN=${N_TRAIN:-100}; N_EVAL=${N_EVAL:-24}; N_SAMPLES=${N_SAMPLES:-2}; MAX_NEW=${MAX_NEW:-160}
+  N_TRAIN=${N_TRAIN:-100}; N_EVAL=${N_EVAL:-24}; N_SAMPLES=${N_SAMPLES:-1}; MAX_NEW=${MAX_NEW:-160}
   RM_STEPS=${RM_STEPS:-0}; SFT_STEPS=${SFT_STEPS:-0}; DPO_STEPS=${DPO_STEPS:-0}   # 0 = the epochs below
 fi
 mkdir -p "$OUT"
 # a rerun resumes from what OUT holds, so one OUT serves one configuration: never mix policies of two
-CONFIG="RECIPE=$RECIPE$([[ "$RECIPE" == paper ]] || echo " PREF=$PREF")"
+CONFIG="RECIPE=$RECIPE$([[ "$RECIPE" == paper ]] || echo " PREF=$PREF PAIRS=$PAIRS:$PAIR_DEGREES TARGETS=$TARGET_DEGREES")"
 if [[ -f "$OUT/config.txt" && "$(cat "$OUT/config.txt")" != "$CONFIG" ]]; then
   echo "error: $OUT holds a run with $(cat "$OUT/config.txt"), not $CONFIG: choose another OUT" >&2; exit 2
 fi
@@ -90,24 +95,28 @@ for t in $(seq 1 "$ROUNDS"); do
       $PY finetune.py --scored "$R/scored.jsonl" --init "$policy" --loss sft --select sampled --epochs 2 \
         --lr 3e-5 --max-steps "$SFT_STEPS" --seed "$SEED" --out "$R/policy" --save-every "$CKPT_EVERY" --resume
     else
-      # --- 2. exploration: per prompt one random θ, samples under the plain DPA prompt and with brief/detail hints
+      # --- 2. exploration: per prompt one random θ, samples under the plain DPA prompt and with brief/detail hints,
+      #        each followed by its sentence-boundary prefixes: candidates of every length, all ending on a sentence
       stamp "round $t: sample"
       [[ -f "$R/samples.jsonl" ]] || $PY sample.py --model "$policy" --prompts data/prompts_train.jsonl --limit "$N_TRAIN" --n "$N_SAMPLES" \
-        --hints plain,brief,detail --max-new-tokens "$MAX_NEW" --batch-size 100 --seed $((SEED + t)) \
+        --hints plain,brief,detail --prefixes --max-new-tokens "$MAX_NEW" --batch-size 100 --seed $((SEED + t)) \
         --out "$R/samples.jsonl"
       # --- 3. multi-objective rewards of every sample
       stamp "round $t: score"
       [[ -f "$R/scored.jsonl" ]] || $PY score.py --samples "$R/samples.jsonl" --rm "$OUT/rm" --out "$R/scored.jsonl"
-      # --- 4a. RSF with hindsight: best response per prompt for θ ∈ {-45,-15,15,45}, SFT under the plain DPA prompt
+      # --- 4a. RSF with hindsight: best response per prompt for 7 angles from -45° to 45°, SFT under the plain DPA
+      #         prompt of each angle (prints the targets' shape per θ first: the target diagnostic)
       stamp "round $t: finetune (hindsight RSF)"
       [[ -f "$R/sft/meta.json" ]] || $PY finetune.py --scored "$R/scored.jsonl" --init "$policy" --loss sft \
-        --select hindsight --target-degrees=-45,-15,15,45 --epochs 1.5 --lr 5e-5 --max-steps "$SFT_STEPS" \
+        --select hindsight --target-degrees="$TARGET_DEGREES" --epochs "$SFT_EPOCHS" --lr 5e-5 --max-steps "$SFT_STEPS" \
         --seed "$SEED" --out "$R/sft" --save-every "$CKPT_EVERY" --resume
-      # --- 4b. mirrored directional DPO (or RPO) at ±45° (both pairs of a prompt in one batch), NLL term on the chosen
+      # --- 4b. directional DPO (or RPO) between neighbouring angles (both pairs of a neighbour step in one batch),
+      #         NLL term on the chosen
       if [[ "$PREF" != none ]]; then
-        stamp "round $t: finetune (mirrored $PREF)"
-        $PY finetune.py --scored "$R/scored.jsonl" --init "$R/sft" --loss "$PREF" --pairs mirrored --pair-degrees 45 \
-          --batch-size 4 --beta 0.1 --nll-coef 1.0 --epochs 2 --lr "$DPO_LR" --max-steps "$DPO_STEPS" --seed "$SEED" \
+        stamp "round $t: finetune ($PAIRS $PREF)"
+        $PY finetune.py --scored "$R/scored.jsonl" --init "$R/sft" --loss "$PREF" --pairs "$PAIRS" \
+          --pair-degrees="$PAIR_DEGREES" --batch-size 4 --beta 0.1 --nll-coef 1.0 --epochs "$DPO_EPOCHS" --lr "$DPO_LR" \
+          --max-steps "$DPO_STEPS" --seed "$SEED" \
           --out "$R/policy" --save-every "$CKPT_EVERY" --resume
       fi
     fi
@@ -129,7 +138,7 @@ $PY evaluate.py $EVALS --rerank "best-of-6=$OUT/eval-bo6.jsonl" --degrees="$EVAL
 
 # --- 6. steering the final policy: the same question at both ends of the range
 stamp steer
-for deg in -45 45; do
+for deg in -45 -15 15 45; do
   $PY steer.py --model "$policy" --degree "$deg" --max-new-tokens "$MAX_NEW" "What should I pack for a weekend camping trip?"
 done
 stamp "done: results in $OUT (eval.csv, eval.png)"

@@ -21,6 +21,7 @@ own batches to OUT.part-i-of-N.partial and resumes from it.
 """
 import argparse
 import random
+import re
 import time
 
 import torch
@@ -34,7 +35,45 @@ from common import (DEFAULT_MODEL, SCHEMA_VERSION, DataError, all_sum, chat_mess
 
 HINTS = {"plain": None,
          "brief": "Answer in one or two short sentences.",
-         "detail": "Answer thoroughly, with several detailed paragraphs."}
+         "detail": "Answer thoroughly, with several detailed paragraphs.",
+         "sentence": "Answer in one sentence.",
+         "few": "Answer in two or three sentences.",
+         "paragraph": "Answer in one short paragraph.",
+         "paragraphs": "Answer in two paragraphs."}
+
+
+SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
+
+
+def sentence_prefixes(text, min_words=10, growth=1.6):
+    """The prefixes of an answer that end where a sentence ends, at roughly geometric lengths: each has at least
+    min_words words and growth × the words of the one before; the longest complete one is always kept. List markers
+    ("1.") and abbreviations with inner dots ("e.g.") are not sentence ends. The whole answer is not one of them."""
+    ends, whole = [], text.strip()
+    for m in SENTENCE_END.finditer(text):
+        prefix = text[:m.end()].rstrip()
+        word = prefix.split()[-1]
+        if not (re.fullmatch(r"\(?\d+[.)]", word) or word.count(".") > 1 or prefix == whole):
+            ends.append(prefix)
+    out = []
+    for prefix in ends:
+        n = len(prefix.split())
+        if n >= min_words and n >= growth * (len(out[-1].split()) if out else 0):
+            out.append(prefix)
+    if ends and len(ends[-1].split()) >= min_words and (not out or out[-1] != ends[-1]):
+        out.append(ends[-1])  # the longest complete answer, e.g. a truncated answer cut back to its last sentence
+    return out
+
+
+def with_prefixes(records, tok):
+    """Each record followed by its sentence-boundary prefixes as extra candidates (not truncated; id ID/pWORDS)."""
+    out = []
+    for r in records:
+        out.append(r)
+        for p in sentence_prefixes(r["response"]):
+            out.append(dict(r, id=f"{r['id']}/p{len(p.split())}", response=p, truncated=False,
+                            n_tokens=len(tok(p, add_special_tokens=False)["input_ids"]), prefix_of=r["id"]))
+    return out
 
 
 def make_jobs(prompts, n, hints, degrees, degree_range, seed):
@@ -98,6 +137,9 @@ def main(argv=None):
     p.add_argument("--degree-range", type=float, nargs=2, default=(-45.0, 45.0), help="θ ~ U[lo, hi] in degrees")
     p.add_argument("--n", type=int, default=4, help="responses per prompt, direction and hint")
     p.add_argument("--hints", default="plain", help=f"comma list of system-prompt hints from {list(HINTS)}")
+    p.add_argument("--prefixes", action="store_true",
+                   help="also write each answer's sentence-boundary prefixes (≥ 10 words, lengths ×1.6 apart) as "
+                        "candidates: a pool of many lengths that all end on a sentence, for best-of-n training")
     # Model
     p.add_argument("--model", default=DEFAULT_MODEL, help="policy: embedded default, local folder or hub id")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
@@ -150,9 +192,9 @@ def main(argv=None):
     mine = shard(range(len(batches)), *part[:2])  # batch b goes to part b % n (every batch in a single process)
     gen = {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}
     done, resumed, t0, n_tok, n_new = {}, 0, time.time(), 0, 0
+    path = resolve_model(args.model, args.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
     if part[2] != "merge":  # a merge only joins the parts: no model
-        path = resolve_model(args.model, args.trust_remote_code)
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
         tok.padding_side = "left"  # batched generation continues every row from its last real token
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=args.trust_remote_code)
         model = model.to(device).eval()
@@ -193,18 +235,22 @@ def main(argv=None):
                                                                              for j in jobs]:
             raise DataError(f"{args.out}: the parts hold other samples than these flags draw: merge with the flags "
                             f"that made them")
+        if args.prefixes:  # derived from the finished samples alone: a resumed or merged run writes the same bytes
+            records = with_prefixes(records, tok)
         write_jsonl(args.out, records)
     drop_logs(args.out, partial, part)  # after OUT is written: this process's log, and merged parts
     if records is None:  # a --shard job (its part is written) or a rank > 0 (its records went to rank 0)
         print(f"sample: part {part[0]}/{part[1]}: {sum(len(batches[b]) for b in mine)} responses → {mine_out}")
         return
     dt = time.time() - t0
-    trunc = sum(r["truncated"] for r in records) / max(1, len(records))
-    mean_len = sum(r["n_tokens"] for r in records) / max(1, len(records))
-    print(f"sample: {len(records)} responses ({len(prompts)} prompts) → {args.out} | mean {mean_len:.0f} tokens | "
+    drawn = [r for r in records if "prefix_of" not in r]
+    trunc = sum(r["truncated"] for r in drawn) / max(1, len(drawn))
+    mean_len = sum(r["n_tokens"] for r in drawn) / max(1, len(drawn))
+    print(f"sample: {len(drawn)} responses ({len(prompts)} prompts) → {args.out} | mean {mean_len:.0f} tokens | "
           f"truncated {trunc:.0%} | {n_tok / max(dt, 1e-9):.0f} new tok/s | {dt:.0f}s"
           + (f" | resumed {resumed} from {partial}, drew {n_new}" if resumed else "")
-          + (f" | merged {part[1]} parts" if part[2] == "merge" else ""))
+          + (f" | merged {part[1]} parts" if part[2] == "merge" else "")
+          + (f" | + {len(records) - len(drawn)} sentence prefixes" if args.prefixes else ""))
 
 
 if __name__ == "__main__":

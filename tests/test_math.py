@@ -342,15 +342,32 @@ def test_eval_summary_against_base_and_targets():
     assert (s["front_wins"], s["front_angles"]) == (1, 3)
     assert s["help_0_gain"] == pytest.approx(-1.0)
     assert s["len_ratio"] == pytest.approx(3.0)
-    assert evaluate.targets_met(s) == {"spearman_verb>=0.9": True, "len_ratio>=1.5": True, "help_0>=base": False,
-                                       "front_wins>=5/7": False}
+    assert s["judge_help_wins"] == 3  # the judge's ratings are the base's own
+    assert evaluate.targets_met(s) == {"spearman_len>=0.95": True, "spearman_verb>=0.95": True,
+                                       "len_ratio>=2.3": True, "judge_help>=base_all": True,
+                                       "front_wins_all": False, "truncated<=20%": False}  # 50 % at -45 and 0
     pol[1].update(help=71.0)
     s = evaluate.summary(pol, base)
     assert s["front_wins"] == 2 and s["help_0_gain"] == pytest.approx(1.0)
-    assert evaluate.targets_met(s)["help_0>=base"] and not evaluate.targets_met(s)["front_wins>=5/7"]  # 2/3 < 5/7
+    assert not evaluate.targets_met(s)["front_wins_all"]  # 2 of 3
     pol[2].update(verb=86.0)
-    assert all(evaluate.targets_met(evaluate.summary(pol, base)).values())
+    assert evaluate.targets_met(evaluate.summary(pol, base))["front_wins_all"]
+    pol[0]["judge_help"] -= 0.1
+    assert evaluate.summary(pol, base)["judge_help_wins"] == 2
+    assert not evaluate.targets_met(evaluate.summary(pol, base))["judge_help>=base_all"]
+    pol[2].update(tokens=20.0)  # 10 → 25 → 20 tokens: ratio 2.0, and no longer rising
+    t = evaluate.targets_met(evaluate.summary(pol, base))
+    assert not t["len_ratio>=2.3"] and not t["spearman_len>=0.95"]
     assert "front_wins" not in evaluate.summary(base)  # no base given: no comparison
+
+
+def test_eval_summary_truncation_and_separation():
+    rows = [{"policy": "p", "degree": d, "help": 50.0, "verb": v, "tokens": t, "tokens_se": se, "truncated": tr}
+            for d, v, t, se, tr in ((-45, 10, 20, 2, 0.0), (0, 20, 30, 3, 0.25), (45, 30, 32, 3, 0.1))]
+    s = evaluate.summary(rows)
+    # 30 − 20 = 10 > 2·√(4 + 9) = 7.2 apart; 32 − 30 = 2 < 2·√18 = 8.5 not apart
+    assert (s["adjacent_separated"], s["adjacent_pairs"], s["max_truncated"]) == (1, 2, 0.25)
+    assert not evaluate.targets_met(s)["truncated<=20%"]
 
 
 # ----------------------------------------------------------------------------- judge

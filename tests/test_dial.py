@@ -1,0 +1,124 @@
+"""The dial: a candidate pool of many lengths (sentence prefixes), the judge's length scales under which the best
+length moves smoothly with θ, the target diagnostic, and pairs between neighbouring angles — exact values.
+
+    python -m pytest tests/test_dial.py -q
+"""
+import math
+
+import numpy as np
+import pytest
+
+import finetune
+import judge
+import sample
+from common import ATTRIBUTES, HELPFULNESS, VERBOSITY
+
+
+def _rec(pid, rid, h, v, words=None):
+    return {"id": rid, "prompt_id": pid, "prompt": f"prompt {pid}", "degree": 0.0,
+            "response": " ".join([rid] * (words or 1)), "truncated": False,
+            "rewards": {HELPFULNESS: float(h), VERBOSITY: float(v)}}
+
+
+# ----------------------------------------------------------------------------- sentence prefixes
+def test_sentence_prefixes_geometric_lengths_and_last_complete_sentence():
+    s = "One two three four five six seven eight nine ten."  # 10 words
+    text = " ".join([s] * 5) + " and a cut tail"              # 5 sentences, then an unfinished one
+    got = [len(p.split()) for p in sample.sentence_prefixes(text)]
+    # ≥ 10 words, each ≥ 1.6 × the previous: 10, 20 (≥ 16), 40 (≥ 32; 30 < 32); then 50 = the last complete sentence
+    assert got == [10, 20, 40, 50]
+    assert all(p.endswith("ten.") for p in sample.sentence_prefixes(text))
+
+
+def test_sentence_prefixes_skip_list_markers_abbreviations_and_the_whole_answer():
+    text = ("Pack these things for the trip, e.g. a tent and food and water.\n1. A warm sleeping bag for the cold "
+            "nights outside.\n2. Boots.")
+    got = sample.sentence_prefixes(text, min_words=1, growth=1.0)
+    assert got == ["Pack these things for the trip, e.g. a tent and food and water.",
+                   "Pack these things for the trip, e.g. a tent and food and water.\n1. A warm sleeping bag for the "
+                   "cold nights outside."]  # not after "e.g." or "1.", and "… Boots." is the whole answer
+    assert sample.sentence_prefixes("No sentence end here at all") == []
+
+
+def test_with_prefixes_records(tokenizer):
+    s = "One two three four five six seven eight nine ten."
+    rec = {"id": "p/0/plain/0", "prompt_id": "p", "response": f"{s} {s} cut", "n_tokens": 99, "truncated": True}
+    out = sample.with_prefixes([rec], tokenizer)
+    assert [r["id"] for r in out] == ["p/0/plain/0", "p/0/plain/0/p10", "p/0/plain/0/p20"]
+    assert out[0] is rec and all(r["prefix_of"] == rec["id"] and r["truncated"] is False for r in out[1:])
+    assert out[1]["n_tokens"] == len(tokenizer(s, add_special_tokens=False)["input_ids"])
+
+
+# ----------------------------------------------------------------------------- the judge's length scales
+def test_asked_words_rules():
+    assert judge.asked_words("Why is the sky blue?") == 40
+    assert judge.asked_words("Briefly, why is the sky blue?") == 20
+    assert judge.asked_words("Explain step by step how to bake bread.") == 120
+    assert judge.length_ratio(80, "Why is the sky blue?") == pytest.approx(math.log(2))
+
+
+def test_judge_ratings_follow_the_documented_scales():
+    j = judge.Judge()
+    prompt = "Why is the sky blue?"
+    words = "Sunlight scatters off air molecules and blue light scatters the most so the sky looks blue".split()
+    answers = [" ".join((words * 20)[:n]) for n in (40, 80, 160)]
+    r = j.rate([prompt] * 3, answers, [False] * 3)
+    verb = r[:, ATTRIBUTES.index(VERBOSITY)]
+    assert verb == pytest.approx([50.0, 75.0, 100.0])  # as asked, twice, four times: 50 + 50·u / ln 4
+    # helpfulness = 100·rel − 20·u² − 50·rep − 100·oov: recompute from the judge's own parts
+    rel = (j.embed([prompt] * 3) * j.embed(answers)).sum(-1)
+    for k, n in enumerate((40, 80, 160)):
+        u = math.log(n / 40)
+        alpha = [w.lower() for w in judge.WORD.findall(answers[k])]
+        oov = sum(w not in j.vocab for w in alpha) / len(alpha)
+        expect = 100 * rel[k] - 20 * u * u - 50 * judge.repetition(answers[k].split()) - 100 * oov
+        assert r[k, ATTRIBUTES.index(HELPFULNESS)] == pytest.approx(np.clip(expect, 0, 100), abs=1e-3)
+
+
+def test_best_length_under_the_judge_scales_is_a_dial():
+    """With relevance equal, the best of a dense pool of lengths rises with θ over the whole grid (no flat end)."""
+    lengths = np.arange(5, 400)
+    u = np.log(lengths / 40)
+    help_, verb = -judge.COST * u * u, np.clip(50 + 50 * u / math.log(4), 0, 100)
+    best = [lengths[np.argmax(math.cos(math.radians(d)) * help_ + math.sin(math.radians(d)) * verb)]
+            for d in finetune.GRID]
+    assert all(a < b for a, b in zip(best, best[1:]))
+    # the optimum ln(w*/asked) = (50 / ln 4) / (2·COST) · tan θ: 16 words at −45°, 40 at 0°, 99 at +45°
+    assert (best[0], best[9], best[-1]) == (16, 40, 99)
+
+
+# ----------------------------------------------------------------------------- the target diagnostic
+def test_flip_degree_exact():
+    ra = np.zeros(len(ATTRIBUTES))
+    rb = np.zeros(len(ATTRIBUTES))
+    ra[ATTRIBUTES.index(HELPFULNESS)], ra[ATTRIBUTES.index(VERBOSITY)] = 60, 20
+    rb[ATTRIBUTES.index(HELPFULNESS)], rb[ATTRIBUTES.index(VERBOSITY)] = 50, 40
+    # cos θ·10 + sin θ·(−20) = 0 → tan θ = 1/2
+    assert finetune.flip_degree(ra, rb) == pytest.approx(math.degrees(math.atan(0.5)))
+    assert finetune.flip_degree(rb, ra) == pytest.approx(math.degrees(math.atan(0.5)))
+
+
+def test_target_curve_rising_words_and_flips():
+    # one prompt, three answers: short (h 60, v 20), middle (h 64, v 40), long (h 50, v 80)
+    recs = [_rec("A", "s", 60, 20, 10), _rec("A", "m", 64, 40, 30), _rec("A", "l", 50, 80, 90)]
+    rows, flips = finetune.target_curve(recs, finetune.reward_matrix(recs, "x"))
+    # s→m at tan θ = (60 − 64)/(40 − 20) = −0.2 (−11.3°); m→l at tan θ = 14/40 (19.3°)
+    assert flips == pytest.approx([math.degrees(math.atan(-0.2)), math.degrees(math.atan(0.35))])
+    words = {r["degree"]: r["words"] for r in rows}
+    assert [words[d] for d in (-45.0, -15.0, -10.0, 15.0, 20.0, 45.0)] == [10, 10, 30, 30, 90, 90]
+    assert rows[0]["help"] == 60 and rows[-1]["verb"] == 80 and len(rows) == 19
+
+
+def test_rank_corr():
+    assert finetune.rank_corr([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert finetune.rank_corr([1, 2, 3, 4], [40, 30, 20, 10]) == pytest.approx(-1.0)
+    assert finetune.rank_corr([1, 2, 3], [5, 5, 5]) != finetune.rank_corr([1, 2, 3], [5, 5, 5])  # NaN
+
+
+# ----------------------------------------------------------------------------- pairs between neighbouring angles
+def test_select_pairs_neighbours():
+    recs = [_rec("A", "s", 60, 20), _rec("A", "m", 64, 40), _rec("A", "l", 50, 80)]
+    pairs = finetune.select_pairs(recs, finetune.reward_matrix(recs, "x"), "neighbours", [45.0, -45.0, 0.0])
+    # winners: −45° s, 0° m, +45° l → (0°: m ≻ s, −45°: s ≻ m), (45°: l ≻ m, 0°: m ≻ l)
+    assert [(p["degree"], p["chosen"], p["rejected"], p["group"]) for p in pairs] == [
+        (0.0, "m", "s", "A/-45:0"), (-45.0, "s", "m", "A/-45:0"), (45.0, "l", "m", "A/0:45"), (0.0, "m", "l", "A/0:45")]

@@ -378,7 +378,7 @@ def resolve_model(name, trust_remote_code=False):
     if name == DEFAULT_MODEL:
         folder = os.path.join(CACHE_DIR, "SmolLM2-135M-Instruct")
         if not os.path.exists(os.path.join(folder, "config.json")):
-            raise SystemExit(f"error: the embedded model is not converted yet ({folder}); run: python prepare.py")
+            raise SystemExit(f"error: the embedded model is not converted yet ({folder}); run: python -m tools.prepare")
         return folder
     if os.path.exists(name):
         if not os.path.exists(os.path.join(name, "config.json")):

@@ -55,7 +55,7 @@ from common import (ATTRIBUTES, CACHE_DIR, DEFAULT_MODEL, HELPFULNESS, VERBOSITY
                     directional_reward, dist_setup, file_digest, grad_sync, is_main, load_checkpoint, parallelize,
                     parse_degrees, read_jsonl, resolve_model, rng_state, save_checkpoint, save_model, set_rng_state,
                     setup, write_jsonl)
-from pref_data import DEFAULT_EMBEDDER, embed_prompts, prompt_text, read_prefs
+from tools.pref_data import DEFAULT_EMBEDDER, embed_prompts, prompt_text, read_prefs
 
 
 # ----------------------------------------------------------------------------- selection

@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-from armo import ARMO_FILE, compute_features, encode_items, load_armo
+from tools.armo import ARMO_FILE, compute_features, encode_items, load_armo
 from common import (ATTRIBUTES, HELPFULNESS, VERBOSITY, DataError, all_sum, check_fields, check_output, check_unique,
                     cli, collect_parts, dist_setup, drop_logs, file_digest, is_main, model_stamp, open_partial,
                     part_path, read_jsonl, resolve_model, reward_forward, rm_text, setup, shard, shard_spec,
@@ -274,7 +274,7 @@ def main(argv=None):
                             f"merge with the flags that made them")
         records = scored
         if args.judge:  # after the merge: the judge sees every record, as in a single process
-            from judge import Judge
+            from tools.judge import Judge
             judged = Judge(device).rate([r["prompt"] for r in records], [r["response"] for r in records],
                                         [r.get("truncated", False) for r in records])
             for r, j in zip(records, judged):

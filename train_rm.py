@@ -45,8 +45,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-import rm_data
-from armo import RIDGE_ALPHAS, encode_items, pair_accuracy, save_armo, train_armo, write_meta
+from tools import rm_data
+from tools.armo import RIDGE_ALPHAS, encode_items, pair_accuracy, save_armo, train_armo, write_meta
 from common import (ATTRIBUTES, CACHE_DIR, DEFAULT_MODEL, HELPFULNESS, VERBOSITY, DataError, all_gather, all_mean,
                     check_output_dir, cli, dist_setup, file_digest, grad_sync, is_main, load_checkpoint, parallelize,
                     rank_world, resolve_model, reward_forward, rm_text, rng_state, save_checkpoint, save_model,

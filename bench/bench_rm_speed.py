@@ -22,7 +22,7 @@ import benchlib as B
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-import rm_data
+from tools import rm_data
 from common import ATTRIBUTES
 from train_rm import batches, get_lr, masked_mse, sorted_forward, to_tuple
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import evaluate
 import finetune
-import judge
+from tools import judge
 import train_rm
 from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, DataError, chat_messages, reward_forward
 

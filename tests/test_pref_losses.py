@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import finetune
-import pref_data
+from tools import pref_data
 from common import DataError, chat_messages
 from test_stages import scored_records, write_lines
 

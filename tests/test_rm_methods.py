@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-import armo
-import rm_data
+from tools import armo
+from tools import rm_data
 import score
 import train_rm
 from common import (ATTRIBUTES, DPA_RM_TEMPLATE, HELPFULNESS, VERBOSITY, DataError, read_jsonl, reward_forward,

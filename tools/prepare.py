@@ -4,7 +4,7 @@ plain Hugging Face folder under .cache/ (git-ignored), so every stage loads it i
 The GGUF holds Q4_1 weights; transformers dequantises them to fp32 on load. The folder is a normal
 save_pretrained checkpoint (config, safetensors, tokenizer) that any stage's --model/--rm flag accepts.
 
-    python prepare.py            # ≈ 20 s once; later runs see the folder and return at once
+    python -m tools.prepare        # ≈ 20 s once; later runs see the folder and return at once
 """
 import argparse
 import os

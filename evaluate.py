@@ -18,8 +18,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from common import (ATTRIBUTES, HELPFULNESS, VERBOSITY, DataError, best_of_n, check_fields, cli, degree_to_vector,
-                    parse_degrees, read_jsonl, write_jsonl)
+from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, best_of_n, degree_to_vector
+from runtime.io import DataError, check_fields, cli, parse_degrees, read_jsonl, write_jsonl
 
 
 def mean_se(xs):

@@ -50,11 +50,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import (ATTRIBUTES, CACHE_DIR, DEFAULT_MODEL, HELPFULNESS, VERBOSITY, DataError, all_gather, all_mean,
-                    best_of_n, chat_messages, check_fields, check_output_dir, check_unique, cli, degree_to_vector,
-                    directional_reward, dist_setup, file_digest, grad_sync, is_main, load_checkpoint, parallelize,
-                    parse_degrees, read_jsonl, resolve_model, rng_state, save_checkpoint, save_model, set_rng_state,
-                    setup, write_jsonl)
+from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, best_of_n, chat_messages, degree_to_vector, directional_reward
+from runtime.dist import all_gather, all_mean, dist_setup, grad_sync, is_main, parallelize, save_model
+from runtime.io import (DataError, check_fields, check_output_dir, check_unique, cli, file_digest, parse_degrees,
+                        read_jsonl, write_jsonl)
+from runtime.models import CACHE_DIR, DEFAULT_MODEL, resolve_model, setup
+from runtime.resume import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from tools.pref_data import DEFAULT_EMBEDDER, embed_prompts, prompt_text, read_prefs
 
 

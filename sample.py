@@ -27,10 +27,12 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import (DEFAULT_MODEL, SCHEMA_VERSION, DataError, all_sum, chat_messages, check_fields, check_output,
-                    check_unique, cli, collect_parts, degree_to_vector, dist_setup, drop_logs, file_digest, is_main,
-                    model_stamp, open_partial, parse_degrees, part_path, read_jsonl, resolve_model, setup, shard,
-                    shard_spec, vector_to_weights, write_jsonl)
+from common import SCHEMA_VERSION, chat_messages, degree_to_vector, vector_to_weights
+from runtime.dist import all_sum, collect_parts, dist_setup, drop_logs, is_main, part_path, shard, shard_spec
+from runtime.io import (DataError, check_fields, check_output, check_unique, cli, file_digest, parse_degrees,
+                        read_jsonl, write_jsonl)
+from runtime.models import DEFAULT_MODEL, resolve_model, setup
+from runtime.resume import model_stamp, open_partial
 
 HINTS = {"plain": None,
          "brief": "Answer in one or two short sentences.",

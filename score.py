@@ -39,10 +39,11 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from tools.armo import ARMO_FILE, compute_features, encode_items, load_armo
-from common import (ATTRIBUTES, HELPFULNESS, VERBOSITY, DataError, all_sum, check_fields, check_output, check_unique,
-                    cli, collect_parts, dist_setup, drop_logs, file_digest, is_main, model_stamp, open_partial,
-                    part_path, read_jsonl, resolve_model, reward_forward, rm_text, setup, shard, shard_spec,
-                    write_jsonl)
+from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, reward_forward, rm_text
+from runtime.dist import all_sum, collect_parts, dist_setup, drop_logs, is_main, part_path, shard, shard_spec
+from runtime.io import DataError, check_fields, check_output, check_unique, cli, file_digest, read_jsonl, write_jsonl
+from runtime.models import resolve_model, setup
+from runtime.resume import model_stamp, open_partial
 
 # RLHFlow/ArmoRM-Llama3-8B-v0.1's objectives, in its output order (dpa_armo.md §2.1)
 ARMO_OBJECTIVES = ATTRIBUTES + [

@@ -17,9 +17,9 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from common import (DEFAULT_MODEL, HELPFULNESS, VERBOSITY, best_of_n, chat_messages, degree_to_vector,
-                    directional_reward, resolve_model, reward_forward, rm_text, setup, system_prompt, vector_to_degree,
-                    weights_to_vector)
+from common import (HELPFULNESS, VERBOSITY, best_of_n, chat_messages, degree_to_vector, directional_reward,
+                    reward_forward, rm_text, system_prompt, vector_to_degree, weights_to_vector)
+from runtime.models import DEFAULT_MODEL, resolve_model, setup
 
 
 def read_prompts(path):

@@ -47,10 +47,11 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from tools import rm_data
 from tools.armo import RIDGE_ALPHAS, encode_items, pair_accuracy, save_armo, train_armo, write_meta
-from common import (ATTRIBUTES, CACHE_DIR, DEFAULT_MODEL, HELPFULNESS, VERBOSITY, DataError, all_gather, all_mean,
-                    check_output_dir, cli, dist_setup, file_digest, grad_sync, is_main, load_checkpoint, parallelize,
-                    rank_world, resolve_model, reward_forward, rm_text, rng_state, save_checkpoint, save_model,
-                    set_rng_state, setup)
+from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, reward_forward, rm_text
+from runtime.dist import all_gather, all_mean, dist_setup, grad_sync, is_main, parallelize, rank_world, save_model
+from runtime.io import DataError, check_output_dir, cli, file_digest
+from runtime.models import CACHE_DIR, DEFAULT_MODEL, resolve_model, setup
+from runtime.resume import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 
 # ============================================================================= shared math

@@ -17,7 +17,8 @@ import evaluate
 import finetune
 from tools import judge
 import train_rm
-from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, DataError, chat_messages, reward_forward
+from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, chat_messages, reward_forward
+from runtime.io import DataError
 
 
 # ----------------------------------------------------------------------------- train_rm

@@ -15,7 +15,8 @@ import torch
 
 import finetune
 from tools import pref_data
-from common import DataError, chat_messages
+from common import chat_messages
+from runtime.io import DataError
 from test_stages import scored_records, write_lines
 
 LOG2 = math.log(2)

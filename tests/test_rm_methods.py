@@ -21,8 +21,9 @@ from tools import armo
 from tools import rm_data
 import score
 import train_rm
-from common import (ATTRIBUTES, DPA_RM_TEMPLATE, HELPFULNESS, VERBOSITY, DataError, read_jsonl, reward_forward,
-                    rm_prompt_text, rm_text)
+from common import ATTRIBUTES, DPA_RM_TEMPLATE, HELPFULNESS, VERBOSITY, reward_forward, rm_text
+from runtime.io import DataError, read_jsonl
+from tools.armo import rm_prompt_text
 from evaluate import spearman as spearman_np
 
 CPU = ["--device", "cpu", "--dtype", "float32"]

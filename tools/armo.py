@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
-from common import VERBOSITY, rm_prompt_text, rm_text
+from common import DPA_RM_TEMPLATE, VERBOSITY, rm_text
 
 
 # ============================================================================= shared math (rank statistics, pairs)
@@ -49,6 +49,14 @@ def pair_accuracy(s_chosen, s_rejected):
 
 
 # ============================================================================= frozen features (probe and gate)
+def rm_prompt_text(tokenizer, prompt, template="chat"):
+    """The start of rm_text(...) that ends with the user turn: the conversation rendered without the assistant turn.
+    Its last token is where a gated RM reads the prompt feature (ArmoRM stage 2, dpa_armo.md §2.2)."""
+    if template == "dpa":
+        return DPA_RM_TEMPLATE[:DPA_RM_TEMPLATE.index("{prompt}")] + prompt
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False).rstrip("\n")
+
+
 def user_turn_end(full_text, prompt_text, offsets):
     """Index of the token that ends the user turn: the token covering the last character of `prompt_text` (the
     conversation rendered without the assistant turn) inside `full_text` (rendered with it). offsets: (start, end)

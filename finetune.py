@@ -38,7 +38,6 @@ Under torchrun every rank takes its own micro-batches of each optimizer step (th
 --grad-accum × ranks) and the gradients are averaged once per step; rank 0 logs and writes OUT.
 """
 import argparse
-import json
 import math
 import os
 import random
@@ -53,8 +52,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, best_of_n, chat_messages, degree_to_vector, directional_reward
 from runtime.dist import all_gather, all_mean, dist_setup, grad_sync, is_main, parallelize, save_model
 from runtime.io import (DataError, check_fields, check_output_dir, check_unique, cli, file_digest, parse_degrees,
-                        read_jsonl, write_jsonl)
-from runtime.models import CACHE_DIR, DEFAULT_MODEL, resolve_model, setup
+                        read_jsonl, write_json, write_jsonl)
+from runtime.models import CACHE_DIR, DEFAULT_MODEL, get_lr, resolve_model, setup
 from runtime.resume import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from tools.pref_data import DEFAULT_EMBEDDER, embed_prompts, prompt_text, read_prefs
 
@@ -212,6 +211,18 @@ def token_logps(model, ids, attn, lmask, chunk=512):
     return logp, rows
 
 
+def sft_loss(logp, row, n_chosen):
+    """RSF's loss (DPA §3, step 4): −log π(y* | system(v), x) per token, averaged over the response tokens of the
+    first n_chosen rows (the targets; for DPO/RPO the chosen answers, as the --nll-coef term).
+    logp (N,): log π of every response token; row (N,): the row each token belongs to (token_logps) → scalar."""
+    return -logp[row < n_chosen].mean()
+
+
+def sequence_logps(logp, row, n_rows):
+    """Summed response log-probs per row: log π(y | x) = Σ_t log π(y_t | y_<t, x). (N,), (N,) → (n_rows,)."""
+    return torch.zeros(n_rows, device=logp.device).index_add_(0, row, logp)
+
+
 def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta):
     """DPO (Rafailov et al. 2023, Eq. 7). All inputs (B,) summed response log-probs → losses (B,), margins (B,).
     loss = −log σ(β[(π_c − ref_c) − (π_r − ref_r)]); margin = the term inside, before β."""
@@ -284,12 +295,59 @@ def plan_batches(groups, batch_size, n_batches, rng):
     return out
 
 
-def get_lr(step, total, warmup, lr):
-    """Linear warmup, then cosine decay to 10% of lr."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+def training_rows(args, target_degrees, pair_degrees):
+    """--prefs or --scored → the rows to train on (RSF targets or preference pairs), the first line of each prompt in
+    --scored (for error messages), and a note on what was skipped."""
+    note = ""
+    prompt_line = {}
+    if args.prefs:
+        rows, n_same = read_prefs(args.prefs)
+        note = f" ({n_same} skipped: chosen == rejected)" if n_same else ""
+        if args.loss == "sft":  # SFT on the chosen answers: the usual baseline for preference data
+            rows = [{"prompt": r["prompt"], "degree": None, "response": r["chosen"], "truncated": False,
+                     "group": r["group"], "line": r["line"]} for r in rows]
+    else:
+        lines, records = read_jsonl(args.scored, required=("id", "prompt_id", "prompt", "degree", "response"),
+                                    with_lines=True)
+        for i, r in zip(lines, records):
+            check_fields(args.scored, i, r, id="id", prompt_id="id", prompt="text", degree="degree", response="str",
+                         truncated="bool?")
+        check_unique(args.scored, lines, records)
+        rewards = reward_matrix(records, args.scored, lines)
+        empty = [k for k, r in enumerate(records) if not r["response"].strip()]
+        if empty:  # an empty answer is never a training target (and a reward model may well prefer it at θ < 0)
+            print(f"finetune: skipped {len(empty)} candidates of {args.scored} with an empty response (lines "
+                  f"{', '.join(str(lines[k]) for k in empty[:10])}{', …' if len(empty) > 10 else ''})")
+            keep = [k for k in range(len(records)) if records[k]["response"].strip()]
+            lines, records, rewards = [lines[k] for k in keep], [records[k] for k in keep], rewards[keep]
+        for i, r in zip(lines, records):
+            prompt_line.setdefault(r["prompt"], i)
+        if args.loss == "sft":
+            rows = select_sft(records, rewards, args.select, target_degrees)
+        else:
+            rows = select_pairs(records, rewards, args.pairs, pair_degrees)
+    return rows, prompt_line, note
+
+
+def encode_rows(tok, rows, args, prompt_line):
+    """Token ids of every row's answers (encode) → (data, the rows kept, skipped-row messages, number of cut
+    sequences). A preference row whose prompt does not fit --max-len is skipped; a scored prompt must fit."""
+    data, kept, too_long, n_cut = [], [], [], 0
+    for r in rows:
+        answers = ([(r["response"], r["truncated"])] if args.loss == "sft" else
+                   [(r["chosen"], r["chosen_truncated"]), (r["rejected"], r["rejected_truncated"])])
+        try:
+            enc = [encode(tok, r["prompt"], r["degree"], a, t, args.max_len) for a, t in answers]
+        except DataError as e:  # long dialogues of a preference set are skipped and counted; our own prompts must fit
+            if not args.prefs:
+                raise DataError(f"{args.scored}:{prompt_line[r['prompt']]}: field 'prompt': {e}") from None
+            too_long.append(f"{args.prefs}:{r['line']}: {e}")
+            continue
+        n_cut += sum(len(ids) == args.max_len and n + len(tok(a, add_special_tokens=False)["input_ids"]) + (not t)
+                     > args.max_len for (ids, n), (a, t) in zip(enc, answers))
+        data.append(enc)
+        kept.append(r)
+    return data, kept, too_long, n_cut
 
 
 def main(argv=None):
@@ -343,38 +401,12 @@ def main(argv=None):
 
     rank, world, device = dist_setup(args.device)  # torchrun: one process per device; else (0, 1, device)
     device, dtype, autocast = setup(args.seed, device, args.dtype)
-    source, note = args.scored or args.prefs, ""
+    source = args.scored or args.prefs
     target_degrees = parse_degrees(args.target_degrees, "--target-degrees")
     pair_degrees = parse_degrees(args.pair_degrees, "--pair-degrees")
     ckpt = check_output_dir(args.out, args.overwrite, args.resume,
                             [source, resolve_model(args.init, args.trust_remote_code)])
-    prompt_line = {}
-    if args.prefs:
-        rows, n_same = read_prefs(args.prefs)
-        note = f" ({n_same} skipped: chosen == rejected)" if n_same else ""
-        if args.loss == "sft":  # SFT on the chosen answers: the usual baseline for preference data
-            rows = [{"prompt": r["prompt"], "degree": None, "response": r["chosen"], "truncated": False,
-                     "group": r["group"], "line": r["line"]} for r in rows]
-    else:
-        lines, records = read_jsonl(args.scored, required=("id", "prompt_id", "prompt", "degree", "response"),
-                                    with_lines=True)
-        for i, r in zip(lines, records):
-            check_fields(args.scored, i, r, id="id", prompt_id="id", prompt="text", degree="degree", response="str",
-                         truncated="bool?")
-        check_unique(args.scored, lines, records)
-        rewards = reward_matrix(records, args.scored, lines)
-        empty = [k for k, r in enumerate(records) if not r["response"].strip()]
-        if empty:  # an empty answer is never a training target (and a reward model may well prefer it at θ < 0)
-            print(f"finetune: skipped {len(empty)} candidates of {args.scored} with an empty response (lines "
-                  f"{', '.join(str(lines[k]) for k in empty[:10])}{', …' if len(empty) > 10 else ''})")
-            keep = [k for k in range(len(records)) if records[k]["response"].strip()]
-            lines, records, rewards = [lines[k] for k in keep], [records[k] for k in keep], rewards[keep]
-        for i, r in zip(lines, records):
-            prompt_line.setdefault(r["prompt"], i)
-        if args.loss == "sft":
-            rows = select_sft(records, rewards, args.select, target_degrees)
-        else:
-            rows = select_pairs(records, rewards, args.pairs, pair_degrees)
+    rows, prompt_line, note = training_rows(args, target_degrees, pair_degrees)
     if not rows:
         raise SystemExit(f"error: no training rows selected from {source} (every candidate tied?)")
 
@@ -385,22 +417,7 @@ def main(argv=None):
     for m in [model.model.embed_tokens, *model.model.layers[:args.freeze_layers]]:
         m.requires_grad_(False)
     fwd = parallelize(model, token_logps, args.fsdp, args.compile, dtype)  # DDP/FSDP2 under torchrun, else plain
-    data, kept, too_long, n_cut = [], [], [], 0
-    for r in rows:
-        answers = ([(r["response"], r["truncated"])] if args.loss == "sft" else
-                   [(r["chosen"], r["chosen_truncated"]), (r["rejected"], r["rejected_truncated"])])
-        try:
-            enc = [encode(tok, r["prompt"], r["degree"], a, t, args.max_len) for a, t in answers]
-        except DataError as e:  # long dialogues of a preference set are skipped and counted; our own prompts must fit
-            if not args.prefs:
-                raise DataError(f"{args.scored}:{prompt_line[r['prompt']]}: field 'prompt': {e}") from None
-            too_long.append(f"{args.prefs}:{r['line']}: {e}")
-            continue
-        n_cut += sum(len(ids) == args.max_len and n + len(tok(a, add_special_tokens=False)["input_ids"]) + (not t)
-                     > args.max_len for (ids, n), (a, t) in zip(enc, answers))
-        data.append(enc)
-        kept.append(r)
-    rows = kept
+    data, rows, too_long, n_cut = encode_rows(tok, rows, args, prompt_line)
     if too_long:
         print(f"finetune: {len(too_long)} rows skipped, their prompt does not fit --max-len; first: {too_long[0]}")
         note += f" ({len(too_long)} skipped: prompt too long)"
@@ -416,9 +433,7 @@ def main(argv=None):
         ids, attn, lmask = (x.to(device) for x in collate(seqs, tok.pad_token_id))
         with autocast():
             logp, row = fwd(ids, attn, lmask)
-        seq = torch.zeros(len(seqs), device=device).index_add_(0, row, logp)  # (S,)
-        chosen_tok = row < len(idx)
-        return seq, -logp[chosen_tok].mean()
+        return sequence_logps(logp, row, len(seqs)), sft_loss(logp, row, len(idx))  # (S,), scalar
 
     rng = random.Random(args.seed)
     per_step = args.batch_size * args.grad_accum * world  # the global batch: every rank takes its own micro-batches
@@ -469,7 +484,7 @@ def main(argv=None):
         for micro in range(step * args.grad_accum, (step + 1) * args.grad_accum):
             grad_sync(fwd, micro == (step + 1) * args.grad_accum - 1)  # ranks average gradients once per step
             if args.loss == "sft":
-                loss = forward(plan[micro])[1]
+                _, loss = forward(plan[micro])  # sft_loss on the RSF targets
             else:
                 seq, nll = forward(plan[micro], rplan[micro])
                 pc, pr = seq.view(2, -1)
@@ -506,10 +521,9 @@ def main(argv=None):
     if not is_main():
         return
     write_jsonl(os.path.join(args.out, "train_rows.jsonl"), rows)
-    with open(os.path.join(args.out, "meta.json.tmp"), "w") as f:  # meta.json last, atomically: the run is finished
-        json.dump({"init": args.init, "loss": args.loss, "rows": len(rows), "steps": total,
-                   "seconds": round(time.time() - t0, 1), "args": vars(args), "log": log}, f, indent=1)
-    os.replace(os.path.join(args.out, "meta.json.tmp"), os.path.join(args.out, "meta.json"))
+    write_json(os.path.join(args.out, "meta.json"), {  # meta.json last: the run is finished
+        "init": args.init, "loss": args.loss, "rows": len(rows), "steps": total, "seconds": round(time.time() - t0, 1),
+        "args": vars(args), "log": log})
     if os.path.exists(os.path.join(args.out, "checkpoint.pt")):
         os.remove(os.path.join(args.out, "checkpoint.pt"))
     print(f"finetune: {args.loss} {total} steps on {len(rows)} {unit} in "

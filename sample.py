@@ -91,6 +91,27 @@ def generate_batch(model, tok, jobs, args, device):
     return results
 
 
+def read_inputs(args):
+    """Check the flags and read --prompts (ids unique, the first --limit) → (hints, fixed degrees, lines, prompts)."""
+    hints = args.hints.split(",")
+    for h in hints:
+        if h not in HINTS:
+            raise SystemExit(f"error: unknown hint {h!r}; choose from {list(HINTS)}")
+    degrees = parse_degrees(args.degrees, "--degrees") if args.degrees else []
+    parse_degrees(",".join(map(str, args.degree_range)), "--degree-range")
+    if args.n < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
+        raise SystemExit("error: --n, --batch-size and --max-new-tokens must be at least 1")
+    lines, prompts = read_jsonl(args.prompts, required=("id", "prompt"), with_lines=True)
+    for i, rec in zip(lines, prompts):
+        check_fields(args.prompts, i, rec, id="id", prompt="text")
+    check_unique(args.prompts, lines, prompts)
+    lines = lines[:args.limit] if args.limit else lines
+    prompts = prompts[:args.limit] if args.limit else prompts
+    if not prompts:
+        raise DataError(f"{args.prompts}: no prompts")
+    return hints, degrees, lines, prompts
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Data
@@ -128,22 +149,7 @@ def main(argv=None):
     partial = (part_path(args.out, *part[:2]) if part[2] in ("job", "torchrun") else args.out) + ".partial"
     check_output(mine_out, args.overwrite, [args.prompts])
     check_output(partial, True, [args.prompts])
-    hints = args.hints.split(",")
-    for h in hints:
-        if h not in HINTS:
-            raise SystemExit(f"error: unknown hint {h!r}; choose from {list(HINTS)}")
-    degrees = parse_degrees(args.degrees, "--degrees") if args.degrees else []
-    parse_degrees(",".join(map(str, args.degree_range)), "--degree-range")
-    if args.n < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
-        raise SystemExit("error: --n, --batch-size and --max-new-tokens must be at least 1")
-    lines, prompts = read_jsonl(args.prompts, required=("id", "prompt"), with_lines=True)
-    for i, rec in zip(lines, prompts):
-        check_fields(args.prompts, i, rec, id="id", prompt="text")
-    check_unique(args.prompts, lines, prompts)
-    lines = lines[:args.limit] if args.limit else lines
-    prompts = prompts[:args.limit] if args.limit else prompts
-    if not prompts:
-        raise DataError(f"{args.prompts}: no prompts")
+    hints, degrees, lines, prompts = read_inputs(args)
 
     jobs = make_jobs(prompts, args.n, hints, degrees, tuple(args.degree_range), args.seed)
     # length-sorted batches waste less padding; each batch gets its own seed, so a resumed run draws the same samples

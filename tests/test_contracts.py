@@ -303,3 +303,16 @@ def test_resolve_model_local_folder_and_default(tiny_model_dir, smollm2_dir):
 def test_resolve_model_hub_id_online_passes_through(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     assert resolve_model("owner/name") == "owner/name"  # no network call: resolution is purely syntactic
+
+
+def test_auto_dtype_never_fp16_and_cpu_bf16_from_public_flags(monkeypatch):
+    """No GradScaler exists, so CUDA without bf16 trains in fp32; the CPU check reads /proc/cpuinfo's flags, not a
+    private torch function, and agrees with them."""
+    monkeypatch.setattr(models.torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert models.setup(0, "cuda")[1] == models.torch.float32
+    monkeypatch.setattr(models.torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert models.setup(0, "cuda:0")[1] == models.torch.bfloat16
+    flags = open("/proc/cpuinfo").read().split()
+    assert models.cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    assert models.setup(0, "cpu")[1] == (models.torch.bfloat16 if models.cpu_has_native_bf16() else models.torch.float32)
+    assert "_is_avx512" not in open(models.__file__).read()

@@ -295,6 +295,16 @@ def plan_batches(groups, batch_size, n_batches, rng):
     return out
 
 
+def micro_batch_logps(fwd, data, idx, ridx, pad_id, device, autocast):
+    """One micro-batch through the policy: summed log-probs of the chosen answers (sft: the targets) of rows idx, then
+    of the rejected answers of rows ridx → (len(idx) + len(ridx),), and sft_loss on the chosen answers → scalar."""
+    seqs = [data[i][0] for i in idx] + [data[i][1] for i in ridx]
+    ids, attn, lmask = (x.to(device) for x in collate(seqs, pad_id))
+    with autocast():
+        logp, row = fwd(ids, attn, lmask)
+    return sequence_logps(logp, row, len(seqs)), sft_loss(logp, row, len(idx))  # (S,), scalar
+
+
 def training_rows(args, target_degrees, pair_degrees):
     """--prefs or --scored → the rows to train on (RSF targets or preference pairs), the first line of each prompt in
     --scored (for error messages), and a note on what was skipped."""
@@ -350,7 +360,8 @@ def encode_rows(tok, rows, args, prompt_line):
     return data, kept, too_long, n_cut
 
 
-def main(argv=None):
+def build_parser():
+    """The flags, under # Data / # Model / # Optimization / # Output."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Data
     src = p.add_mutually_exclusive_group(required=True)
@@ -394,7 +405,11 @@ def main(argv=None):
     p.add_argument("--save-every", type=int, default=0, help="write OUT/checkpoint.pt every N steps (0 = never)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if there is one")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (a finished or other run)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args.fsdp and (args.save_every or args.resume):
         raise SystemExit("error: --save-every/--resume do not work with --fsdp (the optimizer state is sharded over "
                          "the ranks); checkpoint under DDP, or train without checkpoints")
@@ -426,14 +441,8 @@ def main(argv=None):
     paired = args.loss in ("dpo", "rpo_paired")
     unit = "rows" if args.loss == "sft" else "pairs"
 
-    def forward(idx, ridx=()):
-        """Summed log-probs of the chosen answers (sft: the targets) of rows idx, then of the rejected answers of rows
-        ridx, and the token-level NLL of the chosen answers."""
-        seqs = [data[i][0] for i in idx] + [data[i][1] for i in ridx]
-        ids, attn, lmask = (x.to(device) for x in collate(seqs, tok.pad_token_id))
-        with autocast():
-            logp, row = fwd(ids, attn, lmask)
-        return sequence_logps(logp, row, len(seqs)), sft_loss(logp, row, len(idx))  # (S,), scalar
+    def forward(idx, ridx=()):  # summed log-probs (chosen, then rejected) and sft_loss of one micro-batch
+        return micro_batch_logps(fwd, data, idx, ridx, tok.pad_token_id, device, autocast)
 
     rng = random.Random(args.seed)
     per_step = args.batch_size * args.grad_accum * world  # the global batch: every rank takes its own micro-batches

@@ -45,13 +45,13 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from tools import rm_data
-from tools.armo import RIDGE_ALPHAS, encode_items, pair_accuracy, save_armo, train_armo
 from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, reward_forward, rm_text
 from runtime.dist import all_gather, all_mean, dist_setup, grad_sync, is_main, parallelize, rank_world, save_model
 from runtime.io import DataError, check_output_dir, check_rm_lengths, cli, file_digest, write_json
 from runtime.models import CACHE_DIR, DEFAULT_MODEL, get_lr, resolve_model, setup
 from runtime.resume import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from tools import rm_data
+from tools.armo import RIDGE_ALPHAS, encode_items, pair_accuracy, save_armo, train_armo
 
 
 # ============================================================================= shared math
@@ -265,8 +265,26 @@ def train_regression(args, flags, train, n_val, tok, path, device, dtype, autoca
     return model, fwd, total, log
 
 
+def pairwise_metrics(predict, val_pairs, prefer):
+    """Held-out pairwise accuracy: chosen vs rejected by --prefer's reward, by the gate's score (gate only), and the
+    baseline 'the longer answer wins'. predict(items) → (rewards (N, K), score (N,) or None)."""
+    rc, sc = predict([(q["prompt"], q["chosen"]) for q in val_pairs])
+    rr, sr = predict([(q["prompt"], q["rejected"]) for q in val_pairs])
+    k = ATTRIBUTES.index(prefer)
+    out = {"n": len(val_pairs), "attribute": prefer, "accuracy_attribute": pair_accuracy(rc[:, k], rr[:, k]),
+           "accuracy_length": pair_accuracy([len(q["chosen"]) for q in val_pairs],  # baseline: longer wins
+                                            [len(q["rejected"]) for q in val_pairs])}
+    if sc is not None:
+        out["accuracy_score"] = pair_accuracy(sc, sr)
+    print("  pairwise accuracy (held out, n={n}): by {attribute} {accuracy_attribute:.3f}".format(**out)
+          + (f" | by gated score {out['accuracy_score']:.3f}" if sc is not None else "")
+          + f" | longer answer wins {out['accuracy_length']:.3f}")
+    return out
+
+
 # ============================================================================= main
-def main(argv=None):
+def build_parser():
+    """The flags, under # Data / # Model / # Optimization / # Output."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Data
     p.add_argument("--data", nargs="+", default=["data/rm_train.jsonl"],
@@ -323,7 +341,11 @@ def main(argv=None):
                    help="regression: write OUT/checkpoint.pt every N steps (0 = never)")
     p.add_argument("--resume", action="store_true", help="regression: continue from OUT/checkpoint.pt if there is one")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (a finished or other run)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args.method != "regression" and (args.save_every or args.resume):
         raise SystemExit(f"error: --save-every/--resume apply to --method regression only; --method {args.method} "
                          f"fits in seconds on cached features and starts over (use --overwrite to replace OUT)")
@@ -397,20 +419,7 @@ def main(argv=None):
         print(f"  {a:38s} mse {m['mse']:7.1f}  pearson {m['pearson'] if m['pearson'] is not None else float('nan'):.3f}"
               f"  (n={m['n']})")
     if val_pairs:
-        rc, sc = predict([(q["prompt"], q["chosen"]) for q in val_pairs])
-        rr, sr = predict([(q["prompt"], q["rejected"]) for q in val_pairs])
-        k = ATTRIBUTES.index(prefer)
-        metrics["pairwise"] = {"n": len(val_pairs), "attribute": prefer,
-                               "accuracy_attribute": pair_accuracy(rc[:, k], rr[:, k]),
-                               "accuracy_length": pair_accuracy([len(q["chosen"]) for q in val_pairs],  # baseline:
-                                                                [len(q["rejected"]) for q in val_pairs])}  # longer wins
-        if sc is not None:
-            metrics["pairwise"]["accuracy_score"] = pair_accuracy(sc, sr)
-        print("  pairwise accuracy (held out, n={n}): by {attribute} {accuracy_attribute:.3f}".format(
-            **metrics["pairwise"]) + (f" | by gated score {metrics['pairwise']['accuracy_score']:.3f}"
-                                      if sc is not None else "")
-              + f" | longer answer wins {metrics['pairwise']['accuracy_length']:.3f}")
-
+        metrics["pairwise"] = pairwise_metrics(predict, val_pairs, prefer)
     backbone = args.backbone if args.backbone.startswith("embedded:") or not os.path.exists(args.backbone) \
         else os.path.abspath(args.backbone)
     meta = {"method": args.method, "attributes": ATTRIBUTES, "scale": [0, 100], "template": args.template,

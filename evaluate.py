@@ -18,29 +18,14 @@ from collections import defaultdict
 
 import numpy as np
 
-from common import (ATTRIBUTES, HELPFULNESS, VERBOSITY, DataError, best_of_n, check_fields, cli, degree_to_vector,
-                    parse_degrees, read_jsonl, write_jsonl)
+from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, best_of_n, degree_to_vector
+from runtime.io import check_fields, check_finite, cli, parse_degrees, read_jsonl, write_jsonl
+from tools.stats import spearman
 
 
 def mean_se(xs):
     xs = np.asarray(xs, float)
     return float(xs.mean()), float(xs.std(ddof=1) / math.sqrt(len(xs))) if len(xs) > 1 else 0.0
-
-
-def spearman(x, y):
-    """Spearman rank correlation (average ranks for ties); NaN when either side is constant."""
-    def ranks(a):
-        a = np.asarray(a, float)
-        order = a.argsort(kind="stable")
-        r = np.empty(len(a))
-        r[order] = np.arange(len(a))
-        for v in np.unique(a):  # ties share their mean rank
-            r[a == v] = r[a == v].mean()
-        return r
-    rx, ry = ranks(x), ranks(y)
-    if rx.std() == 0 or ry.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(rx, ry)[0, 1])
 
 
 def table(policy, records):
@@ -162,9 +147,7 @@ def main(argv=None):
         for i, r in zip(lines, records):
             check_fields(path, i, r, degree="degree", response="str", rewards="object", truncated="bool")
             for a in (HELPFULNESS, VERBOSITY):
-                v = r["rewards"].get(a)
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                    raise DataError(f"{path}:{i}: field 'rewards.{a}' must be a finite number, got {v!r}")
+                check_finite(f"{path}:{i}", f"rewards.{a}", r["rewards"].get(a))
         if spec in args.rerank:
             records = rerank(records, parse_degrees(args.degrees, "--degrees"))
         rs = table(name or path, records)

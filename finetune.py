@@ -41,7 +41,6 @@ Under torchrun every rank takes its own micro-batches of each optimizer step (th
 --grad-accum × ranks) and the gradients are averaged once per step; rank 0 logs and writes OUT.
 """
 import argparse
-import json
 import math
 import os
 import random
@@ -53,12 +52,14 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import (ATTRIBUTES, CACHE_DIR, DEFAULT_MODEL, HELPFULNESS, VERBOSITY, DataError, all_gather, all_mean,
-                    best_of_n, chat_messages, check_fields, check_output_dir, check_unique, cli, degree_to_vector,
-                    directional_reward, dist_setup, file_digest, grad_sync, is_main, load_checkpoint, parallelize,
-                    parse_degrees, read_jsonl, resolve_model, rng_state, save_checkpoint, save_model, set_rng_state,
-                    setup, write_jsonl)
-from pref_data import DEFAULT_EMBEDDER, embed_prompts, prompt_text, read_prefs
+from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, best_of_n, chat_messages, degree_to_vector, directional_reward
+from runtime.dist import all_gather, all_mean, dist_setup, grad_sync, is_main, parallelize, save_model
+from runtime.io import (DataError, check_fields, check_output_dir, check_unique, cli, file_digest, parse_degrees,
+                        read_jsonl, write_json, write_jsonl)
+from runtime.models import CACHE_DIR, DEFAULT_MODEL, get_lr, resolve_model, setup
+from runtime.resume import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from tools.pref_data import DEFAULT_EMBEDDER, embed_prompts, prompt_text, read_prefs
+from tools.stats import spearman
 
 
 # ----------------------------------------------------------------------------- selection
@@ -174,19 +175,10 @@ def target_curve(records, rewards, degrees=GRID):
     return rows, flips
 
 
-def rank_corr(x, y):
-    """Spearman's ρ: Pearson correlation of the ranks, tied values sharing their mean rank; NaN if a side is constant."""
-    def ranks(a):
-        s = np.sort(a)
-        return (np.searchsorted(s, a, "left") + np.searchsorted(s, a, "right") - 1) / 2
-    rx, ry = ranks(np.asarray(x, float)), ranks(np.asarray(y, float))
-    return float(np.corrcoef(rx, ry)[0, 1]) if rx.std() and ry.std() else float("nan")
-
-
 def print_target_curve(records, rewards, source):
     rows, flips = target_curve(records, rewards)
     near = sum(abs(f) <= 10 for f in flips) / max(1, len(flips))
-    rho = rank_corr([r["degree"] for r in rows], [r["words"] for r in rows])
+    rho = spearman([r["degree"] for r in rows], [r["words"] for r in rows])
     print(f"finetune: best-by-vᵀr answers of {source} per θ (the RSF targets' shape; a dial rises over the whole grid)")
     for key, fmt in (("degree", "{:5.0f}"), ("words", "{:5.0f}"), ("help", "{:5.1f}"), ("verb", "{:5.1f}")):
         print(f"  {key:>6} " + " ".join(fmt.format(r[key]) for r in rows))
@@ -276,6 +268,18 @@ def token_logps(model, ids, attn, lmask, chunk=512):
     return logp, rows
 
 
+def sft_loss(logp, row, n_chosen):
+    """RSF's loss (DPA §3, step 4): −log π(y* | system(v), x) per token, averaged over the response tokens of the
+    first n_chosen rows (the targets; for DPO/RPO the chosen answers, as the --nll-coef term).
+    logp (N,): log π of every response token; row (N,): the row each token belongs to (token_logps) → scalar."""
+    return -logp[row < n_chosen].mean()
+
+
+def sequence_logps(logp, row, n_rows):
+    """Summed response log-probs per row: log π(y | x) = Σ_t log π(y_t | y_<t, x). (N,), (N,) → (n_rows,)."""
+    return torch.zeros(n_rows, device=logp.device).index_add_(0, row, logp)
+
+
 def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta):
     """DPO (Rafailov et al. 2023, Eq. 7). All inputs (B,) summed response log-probs → losses (B,), margins (B,).
     loss = −log σ(β[(π_c − ref_c) − (π_r − ref_r)]); margin = the term inside, before β."""
@@ -348,15 +352,76 @@ def plan_batches(groups, batch_size, n_batches, rng):
     return out
 
 
-def get_lr(step, total, warmup, lr):
-    """Linear warmup, then cosine decay to 10% of lr."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+def micro_batch_logps(fwd, data, idx, ridx, pad_id, device, autocast):
+    """One micro-batch through the policy: summed log-probs of the chosen answers (sft: the targets) of rows idx, then
+    of the rejected answers of rows ridx → (len(idx) + len(ridx),), and sft_loss on the chosen answers → scalar."""
+    seqs = [data[i][0] for i in idx] + [data[i][1] for i in ridx]
+    ids, attn, lmask = (x.to(device) for x in collate(seqs, pad_id))
+    with autocast():
+        logp, row = fwd(ids, attn, lmask)
+    return sequence_logps(logp, row, len(seqs)), sft_loss(logp, row, len(idx))  # (S,), scalar
 
 
-def main(argv=None):
+def training_rows(args, target_degrees, pair_degrees):
+    """--prefs or --scored → the rows to train on (RSF targets or preference pairs), the first line of each prompt in
+    --scored (for error messages), and a note on what was skipped."""
+    note = ""
+    prompt_line = {}
+    if args.prefs:
+        rows, n_same = read_prefs(args.prefs)
+        note = f" ({n_same} skipped: chosen == rejected)" if n_same else ""
+        if args.loss == "sft":  # SFT on the chosen answers: the usual baseline for preference data
+            rows = [{"prompt": r["prompt"], "degree": None, "response": r["chosen"], "truncated": False,
+                     "group": r["group"], "line": r["line"]} for r in rows]
+    else:
+        lines, records = read_jsonl(args.scored, required=("id", "prompt_id", "prompt", "degree", "response"),
+                                    with_lines=True)
+        for i, r in zip(lines, records):
+            check_fields(args.scored, i, r, id="id", prompt_id="id", prompt="text", degree="degree", response="str",
+                         truncated="bool?")
+        check_unique(args.scored, lines, records)
+        rewards = reward_matrix(records, args.scored, lines)
+        empty = [k for k, r in enumerate(records) if not r["response"].strip()]
+        if empty:  # an empty answer is never a training target (and a reward model may well prefer it at θ < 0)
+            print(f"finetune: skipped {len(empty)} candidates of {args.scored} with an empty response (lines "
+                  f"{', '.join(str(lines[k]) for k in empty[:10])}{', …' if len(empty) > 10 else ''})")
+            keep = [k for k in range(len(records)) if records[k]["response"].strip()]
+            lines, records, rewards = [lines[k] for k in keep], [records[k] for k in keep], rewards[keep]
+        for i, r in zip(lines, records):
+            prompt_line.setdefault(r["prompt"], i)
+        print_target_curve(records, rewards, args.scored)
+        if args.diagnose:
+            return [], prompt_line, note
+        if args.loss == "sft":
+            rows = select_sft(records, rewards, args.select, target_degrees)
+        else:
+            rows = select_pairs(records, rewards, args.pairs, pair_degrees)
+    return rows, prompt_line, note
+
+
+def encode_rows(tok, rows, args, prompt_line):
+    """Token ids of every row's answers (encode) → (data, the rows kept, skipped-row messages, number of cut
+    sequences). A preference row whose prompt does not fit --max-len is skipped; a scored prompt must fit."""
+    data, kept, too_long, n_cut = [], [], [], 0
+    for r in rows:
+        answers = ([(r["response"], r["truncated"])] if args.loss == "sft" else
+                   [(r["chosen"], r["chosen_truncated"]), (r["rejected"], r["rejected_truncated"])])
+        try:
+            enc = [encode(tok, r["prompt"], r["degree"], a, t, args.max_len) for a, t in answers]
+        except DataError as e:  # long dialogues of a preference set are skipped and counted; our own prompts must fit
+            if not args.prefs:
+                raise DataError(f"{args.scored}:{prompt_line[r['prompt']]}: field 'prompt': {e}") from None
+            too_long.append(f"{args.prefs}:{r['line']}: {e}")
+            continue
+        n_cut += sum(len(ids) == args.max_len and n + len(tok(a, add_special_tokens=False)["input_ids"]) + (not t)
+                     > args.max_len for (ids, n), (a, t) in zip(enc, answers))
+        data.append(enc)
+        kept.append(r)
+    return data, kept, too_long, n_cut
+
+
+def build_parser():
+    """The flags, under # Data / # Model / # Optimization / # Output."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Data
     src = p.add_mutually_exclusive_group(required=True)
@@ -399,53 +464,35 @@ def main(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=0)
     # Output
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", help="output folder (required unless --diagnose)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps (0 = run all epochs)")
     p.add_argument("--save-every", type=int, default=0, help="write OUT/checkpoint.pt every N steps (0 = never)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if there is one")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (a finished or other run)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args.fsdp and (args.save_every or args.resume):
         raise SystemExit("error: --save-every/--resume do not work with --fsdp (the optimizer state is sharded over "
                          "the ranks); checkpoint under DDP, or train without checkpoints")
 
     rank, world, device = dist_setup(args.device)  # torchrun: one process per device; else (0, 1, device)
     device, dtype, autocast = setup(args.seed, device, args.dtype)
-    source, note = args.scored or args.prefs, ""
+    source = args.scored or args.prefs
     target_degrees = parse_degrees(args.target_degrees, "--target-degrees")
     pair_degrees = parse_degrees(args.pair_degrees, "--pair-degrees")
+    if args.diagnose:  # the targets' shape only: no model, no output
+        if not args.scored:
+            raise SystemExit("error: --diagnose reads --scored (scored samples)")
+        training_rows(args, target_degrees, pair_degrees)
+        return
+    if not args.out:
+        raise SystemExit("error: --out is required (unless --diagnose)")
     ckpt = check_output_dir(args.out, args.overwrite, args.resume,
                             [source, resolve_model(args.init, args.trust_remote_code)])
-    prompt_line = {}
-    if args.prefs:
-        rows, n_same = read_prefs(args.prefs)
-        note = f" ({n_same} skipped: chosen == rejected)" if n_same else ""
-        if args.loss == "sft":  # SFT on the chosen answers: the usual baseline for preference data
-            rows = [{"prompt": r["prompt"], "degree": None, "response": r["chosen"], "truncated": False,
-                     "group": r["group"], "line": r["line"]} for r in rows]
-    else:
-        lines, records = read_jsonl(args.scored, required=("id", "prompt_id", "prompt", "degree", "response"),
-                                    with_lines=True)
-        for i, r in zip(lines, records):
-            check_fields(args.scored, i, r, id="id", prompt_id="id", prompt="text", degree="degree", response="str",
-                         truncated="bool?")
-        check_unique(args.scored, lines, records)
-        rewards = reward_matrix(records, args.scored, lines)
-        empty = [k for k, r in enumerate(records) if not r["response"].strip()]
-        if empty:  # an empty answer is never a training target (and a reward model may well prefer it at θ < 0)
-            print(f"finetune: skipped {len(empty)} candidates of {args.scored} with an empty response (lines "
-                  f"{', '.join(str(lines[k]) for k in empty[:10])}{', …' if len(empty) > 10 else ''})")
-            keep = [k for k in range(len(records)) if records[k]["response"].strip()]
-            lines, records, rewards = [lines[k] for k in keep], [records[k] for k in keep], rewards[keep]
-        for i, r in zip(lines, records):
-            prompt_line.setdefault(r["prompt"], i)
-        print_target_curve(records, rewards, args.scored)
-        if args.diagnose:
-            return
-        if args.loss == "sft":
-            rows = select_sft(records, rewards, args.select, target_degrees)
-        else:
-            rows = select_pairs(records, rewards, args.pairs, pair_degrees)
+    rows, prompt_line, note = training_rows(args, target_degrees, pair_degrees)
     if not rows:
         raise SystemExit(f"error: no training rows selected from {source} (every candidate tied?)")
 
@@ -456,22 +503,7 @@ def main(argv=None):
     for m in [model.model.embed_tokens, *model.model.layers[:args.freeze_layers]]:
         m.requires_grad_(False)
     fwd = parallelize(model, token_logps, args.fsdp, args.compile, dtype)  # DDP/FSDP2 under torchrun, else plain
-    data, kept, too_long, n_cut = [], [], [], 0
-    for r in rows:
-        answers = ([(r["response"], r["truncated"])] if args.loss == "sft" else
-                   [(r["chosen"], r["chosen_truncated"]), (r["rejected"], r["rejected_truncated"])])
-        try:
-            enc = [encode(tok, r["prompt"], r["degree"], a, t, args.max_len) for a, t in answers]
-        except DataError as e:  # long dialogues of a preference set are skipped and counted; our own prompts must fit
-            if not args.prefs:
-                raise DataError(f"{args.scored}:{prompt_line[r['prompt']]}: field 'prompt': {e}") from None
-            too_long.append(f"{args.prefs}:{r['line']}: {e}")
-            continue
-        n_cut += sum(len(ids) == args.max_len and n + len(tok(a, add_special_tokens=False)["input_ids"]) + (not t)
-                     > args.max_len for (ids, n), (a, t) in zip(enc, answers))
-        data.append(enc)
-        kept.append(r)
-    rows = kept
+    data, rows, too_long, n_cut = encode_rows(tok, rows, args, prompt_line)
     if too_long:
         print(f"finetune: {len(too_long)} rows skipped, their prompt does not fit --max-len; first: {too_long[0]}")
         note += f" ({len(too_long)} skipped: prompt too long)"
@@ -480,16 +512,8 @@ def main(argv=None):
     paired = args.loss in ("dpo", "rpo_paired")
     unit = "rows" if args.loss == "sft" else "pairs"
 
-    def forward(idx, ridx=()):
-        """Summed log-probs of the chosen answers (sft: the targets) of rows idx, then of the rejected answers of rows
-        ridx, and the token-level NLL of the chosen answers."""
-        seqs = [data[i][0] for i in idx] + [data[i][1] for i in ridx]
-        ids, attn, lmask = (x.to(device) for x in collate(seqs, tok.pad_token_id))
-        with autocast():
-            logp, row = fwd(ids, attn, lmask)
-        seq = torch.zeros(len(seqs), device=device).index_add_(0, row, logp)  # (S,)
-        chosen_tok = row < len(idx)
-        return seq, -logp[chosen_tok].mean()
+    def forward(idx, ridx=()):  # summed log-probs (chosen, then rejected) and sft_loss of one micro-batch
+        return micro_batch_logps(fwd, data, idx, ridx, tok.pad_token_id, device, autocast)
 
     rng = random.Random(args.seed)
     per_step = args.batch_size * args.grad_accum * world  # the global batch: every rank takes its own micro-batches
@@ -540,7 +564,7 @@ def main(argv=None):
         for micro in range(step * args.grad_accum, (step + 1) * args.grad_accum):
             grad_sync(fwd, micro == (step + 1) * args.grad_accum - 1)  # ranks average gradients once per step
             if args.loss == "sft":
-                loss = forward(plan[micro])[1]
+                _, loss = forward(plan[micro])  # sft_loss on the RSF targets
             else:
                 seq, nll = forward(plan[micro], rplan[micro])
                 pc, pr = seq.view(2, -1)
@@ -577,10 +601,9 @@ def main(argv=None):
     if not is_main():
         return
     write_jsonl(os.path.join(args.out, "train_rows.jsonl"), rows)
-    with open(os.path.join(args.out, "meta.json.tmp"), "w") as f:  # meta.json last, atomically: the run is finished
-        json.dump({"init": args.init, "loss": args.loss, "rows": len(rows), "steps": total,
-                   "seconds": round(time.time() - t0, 1), "args": vars(args), "log": log}, f, indent=1)
-    os.replace(os.path.join(args.out, "meta.json.tmp"), os.path.join(args.out, "meta.json"))
+    write_json(os.path.join(args.out, "meta.json"), {  # meta.json last: the run is finished
+        "init": args.init, "loss": args.loss, "rows": len(rows), "steps": total, "seconds": round(time.time() - t0, 1),
+        "args": vars(args), "log": log})
     if os.path.exists(os.path.join(args.out, "checkpoint.pt")):
         os.remove(os.path.join(args.out, "checkpoint.pt"))
     print(f"finetune: {args.loss} {total} steps on {len(rows)} {unit} in "

@@ -47,7 +47,7 @@ stamp() { echo "=== [$(( $(date +%s) - t_start ))s] $*"; }
 
 # --- 0. the embedded model → a cached HF folder (once)
 stamp prepare
-$PY prepare.py
+$PY -m tools.prepare
 
 # --- 1. multi-objective reward model on the demo ratings (data/rm_train.jsonl, labelled by judge.py)
 stamp train_rm

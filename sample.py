@@ -28,10 +28,12 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import (DEFAULT_MODEL, SCHEMA_VERSION, DataError, all_sum, chat_messages, check_fields, check_output,
-                    check_unique, cli, collect_parts, degree_to_vector, dist_setup, drop_logs, file_digest, is_main,
-                    model_stamp, open_partial, parse_degrees, part_path, read_jsonl, resolve_model, setup, shard,
-                    shard_spec, vector_to_weights, write_jsonl)
+from common import SCHEMA_VERSION, chat_messages, degree_to_vector, vector_to_weights
+from runtime.dist import all_sum, collect_parts, dist_setup, drop_logs, is_main, part_path, shard, shard_spec
+from runtime.io import (DataError, check_fields, check_output, check_unique, cli, file_digest, parse_degrees,
+                        read_jsonl, write_jsonl)
+from runtime.models import DEFAULT_MODEL, resolve_model, setup
+from runtime.resume import model_stamp, open_partial
 
 HINTS = {"plain": None,
          "brief": "Answer in one or two short sentences.",
@@ -128,6 +130,27 @@ def generate_batch(model, tok, jobs, args, device):
     return results
 
 
+def read_inputs(args):
+    """Check the flags and read --prompts (ids unique, the first --limit) → (hints, fixed degrees, lines, prompts)."""
+    hints = args.hints.split(",")
+    for h in hints:
+        if h not in HINTS:
+            raise SystemExit(f"error: unknown hint {h!r}; choose from {list(HINTS)}")
+    degrees = parse_degrees(args.degrees, "--degrees") if args.degrees else []
+    parse_degrees(",".join(map(str, args.degree_range)), "--degree-range")
+    if args.n < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
+        raise SystemExit("error: --n, --batch-size and --max-new-tokens must be at least 1")
+    lines, prompts = read_jsonl(args.prompts, required=("id", "prompt"), with_lines=True)
+    for i, rec in zip(lines, prompts):
+        check_fields(args.prompts, i, rec, id="id", prompt="text")
+    check_unique(args.prompts, lines, prompts)
+    lines = lines[:args.limit] if args.limit else lines
+    prompts = prompts[:args.limit] if args.limit else prompts
+    if not prompts:
+        raise DataError(f"{args.prompts}: no prompts")
+    return hints, degrees, lines, prompts
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Data
@@ -168,22 +191,7 @@ def main(argv=None):
     partial = (part_path(args.out, *part[:2]) if part[2] in ("job", "torchrun") else args.out) + ".partial"
     check_output(mine_out, args.overwrite, [args.prompts])
     check_output(partial, True, [args.prompts])
-    hints = args.hints.split(",")
-    for h in hints:
-        if h not in HINTS:
-            raise SystemExit(f"error: unknown hint {h!r}; choose from {list(HINTS)}")
-    degrees = parse_degrees(args.degrees, "--degrees") if args.degrees else []
-    parse_degrees(",".join(map(str, args.degree_range)), "--degree-range")
-    if args.n < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
-        raise SystemExit("error: --n, --batch-size and --max-new-tokens must be at least 1")
-    lines, prompts = read_jsonl(args.prompts, required=("id", "prompt"), with_lines=True)
-    for i, rec in zip(lines, prompts):
-        check_fields(args.prompts, i, rec, id="id", prompt="text")
-    check_unique(args.prompts, lines, prompts)
-    lines = lines[:args.limit] if args.limit else lines
-    prompts = prompts[:args.limit] if args.limit else prompts
-    if not prompts:
-        raise DataError(f"{args.prompts}: no prompts")
+    hints, degrees, lines, prompts = read_inputs(args)
 
     jobs = make_jobs(prompts, args.n, hints, degrees, tuple(args.degree_range), args.seed)
     # length-sorted batches waste less padding; each batch gets its own seed, so a resumed run draws the same samples

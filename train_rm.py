@@ -45,12 +45,13 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-import rm_data
-from armo import RIDGE_ALPHAS, encode_items, pair_accuracy, save_armo, train_armo, write_meta
-from common import (ATTRIBUTES, CACHE_DIR, DEFAULT_MODEL, HELPFULNESS, VERBOSITY, DataError, all_gather, all_mean,
-                    check_output_dir, cli, dist_setup, file_digest, grad_sync, is_main, load_checkpoint, parallelize,
-                    rank_world, resolve_model, reward_forward, rm_text, rng_state, save_checkpoint, save_model,
-                    set_rng_state, setup)
+from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, reward_forward, rm_text
+from runtime.dist import all_gather, all_mean, dist_setup, grad_sync, is_main, parallelize, rank_world, save_model
+from runtime.io import DataError, check_output_dir, check_rm_lengths, cli, file_digest, write_json
+from runtime.models import CACHE_DIR, DEFAULT_MODEL, get_lr, resolve_model, setup
+from runtime.resume import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from tools import rm_data
+from tools.armo import RIDGE_ALPHAS, encode_items, pair_accuracy, save_armo, train_armo
 
 
 # ============================================================================= shared math
@@ -67,23 +68,16 @@ def pearson(x, y):
     return float(np.corrcoef(x, y)[0, 1])
 
 
-def get_lr(step, total, warmup, lr):
-    """Linear warmup, then cosine decay to 10% of lr."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 # ============================================================================= data
-def to_tuple(row, attributes):
-    """rm_data row → (prompt, response, target (K,) on 0-1, mask (K,), prompt group, where: 'file:line')."""
+def to_row(row, attributes):
+    """rm_data row → {prompt, response, target (K,) on 0-1, mask (K,), group: the prompt's id, where: 'file:line'}."""
     target, mask = np.zeros(len(attributes), np.float32), np.zeros(len(attributes), np.float32)
     for k, a in enumerate(attributes):
         v = row["labels"].get(a)
         if v is not None:
             target[k], mask[k] = v / 100.0, 1.0
-    return row["prompt"], row["response"], target, mask, row["prompt_id"], row.get("where", "")
+    return {"prompt": row["prompt"], "response": row["response"], "target": target, "mask": mask,
+            "group": row["prompt_id"], "where": row.get("where", "")}
 
 
 def drop_empty(src, rows):
@@ -100,42 +94,33 @@ def drop_empty(src, rows):
 
 
 def load_data(args):
-    """--data sources (one table, each row labelled where its source rates) + --pairs → rating rows as tuples,
-    preference pairs, and a summary of what was read."""
-    args.data = [os.path.abspath(s) if os.path.exists(s) else s for s in args.data]  # one spelling per file
-    args.pairs = os.path.abspath(args.pairs) if args.pairs and os.path.exists(args.pairs) else args.pairs
-    loaded = {src: rm_data.load(src, args.schema, args.split, args.limit) for src in args.data}
+    """--data sources (one table, each row labelled where its source rates) + --pairs → rating rows (to_row),
+    preference pairs, prompt groups per source, a summary of what was read, and the flags as resolved (--data and
+    --pairs as absolute paths, --prefer's default)."""
+    data = [os.path.abspath(s) if os.path.exists(s) else s for s in args.data]  # one spelling per file
+    pairs_src = os.path.abspath(args.pairs) if args.pairs and os.path.exists(args.pairs) else args.pairs
+    loaded = {src: rm_data.load(src, args.schema, args.split, args.limit) for src in data}
     loaded = {src: (drop_empty(src, v[0]), *v[1:]) for src, v in loaded.items()}
-    rows = [r for src in args.data for r in loaded[src][0]]
-    pairs = [q for src in args.data for q in loaded[src][1]]
-    info = {"sources": [loaded[src][2] for src in args.data]}
+    rows = [r for src in data for r in loaded[src][0]]
+    pairs = [q for src in data for q in loaded[src][1]]
+    info = {"sources": [loaded[src][2] for src in data]}
     groups = [sorted({r["prompt_id"] for r in loaded[src][0]} | {q["prompt_id"] for q in loaded[src][1]})
-              for src in args.data]  # prompt groups per source
-    if args.prefer is None:
+              for src in data]  # prompt groups per source
+    prefer = args.prefer
+    if prefer is None:
         binarized = any(i["schema"] == "binarized" for i in info["sources"])
-        args.prefer = rm_data.UF_OVERALL if binarized and not args.pairs else HELPFULNESS
-    if args.prefer not in args.attributes:
-        raise SystemExit(f"error: --prefer {args.prefer!r} is not one of {args.attributes}")
-    if args.pairs:
-        p_rows, p_pairs, _ = loaded.get(args.pairs) or rm_data.load(args.pairs, "auto", args.split, args.limit)
-        pairs = p_pairs or rm_data.pairs_from_ratings(p_rows, args.prefer, args.min_gap)
-        if args.pairs not in loaded:
+        prefer = rm_data.UF_OVERALL if binarized and not pairs_src else HELPFULNESS
+    if prefer not in ATTRIBUTES:
+        raise SystemExit(f"error: --prefer {prefer!r} is not one of {ATTRIBUTES}")
+    if pairs_src:
+        p_rows, p_pairs, _ = loaded.get(pairs_src) or rm_data.load(pairs_src, "auto", args.split, args.limit)
+        pairs = p_pairs or rm_data.pairs_from_ratings(p_rows, prefer, args.min_gap)
+        if pairs_src not in loaded:
             groups.append(sorted({q["prompt_id"] for q in pairs}))
-        info["pairs_source"] = args.pairs if p_pairs else f"{args.pairs} ({args.prefer} gap ≥ {args.min_gap})"
+        info["pairs_source"] = pairs_src if p_pairs else f"{pairs_src} ({prefer} gap ≥ {args.min_gap})"
     info.update(rows=len(rows), pairs=len(pairs))
-    return [to_tuple(r, args.attributes) for r in rows], pairs, groups, info
-
-
-def check_lengths(rows, tok, args):
-    """Inputs longer than --max-len are cut (→ their count); a prompt that fills --max-len on its own is an error."""
-    n_ids = [len(x) for x in tok([rm_text(tok, r[0], r[1], args.template) for r in rows],
-                                 add_special_tokens=False)["input_ids"]]
-    for r in (r for r, n in zip(rows, n_ids) if n > args.max_len):
-        n_prompt = len(tok(rm_text(tok, r[0], "", args.template), add_special_tokens=False)["input_ids"])
-        if n_prompt >= args.max_len:
-            raise DataError(f"{r[5]}: field 'prompt' takes {n_prompt} tokens of the RM input; --max-len "
-                            f"{args.max_len} leaves no room for the response")
-    return sum(n > args.max_len for n in n_ids)
+    resolved = {"data": data, "pairs": pairs_src, "prefer": prefer}
+    return [to_row(r, ATTRIBUTES) for r in rows], pairs, groups, info, resolved
 
 
 def batches(rows, tok, batch_size, max_len, template, shuffle, rng):
@@ -144,9 +129,9 @@ def batches(rows, tok, batch_size, max_len, template, shuffle, rng):
         rng.shuffle(idx)
     for i in range(0, len(idx), batch_size):
         b = [rows[j] for j in idx[i:i + batch_size]]
-        enc = tok([rm_text(tok, r[0], r[1], template) for r in b], return_tensors="pt", padding=True,
+        enc = tok([rm_text(tok, r["prompt"], r["response"], template) for r in b], return_tensors="pt", padding=True,
                   truncation=True, max_length=max_len, add_special_tokens=False)
-        yield enc, torch.tensor(np.stack([r[2] for r in b])), torch.tensor(np.stack([r[3] for r in b]))
+        yield enc, torch.tensor(np.stack([r["target"] for r in b])), torch.tensor(np.stack([r["mask"] for r in b]))
 
 
 def sorted_forward(model, input_ids, attention_mask, rows):
@@ -169,7 +154,7 @@ def sorted_forward(model, input_ids, attention_mask, rows):
 
 def attribute_metrics(pred, rows, attributes):
     """Held-out MSE and Pearson per labelled attribute. pred: (N, K) on 0-100; rows: the N tuples."""
-    t, m = np.stack([r[2] for r in rows]) * 100, np.stack([r[3] for r in rows])
+    t, m = np.stack([r["target"] for r in rows]) * 100, np.stack([r["mask"] for r in rows])
     out = {}
     for k, a in enumerate(attributes):
         sel = m[:, k] > 0
@@ -183,7 +168,7 @@ def attribute_metrics(pred, rows, attributes):
 # ============================================================================= method 1: regression (DPA RM)
 @torch.no_grad()
 def predict_rows(fwd, rows, tok, args, device, autocast):
-    """(N, K) rewards on 0-100 for rating-row tuples (only prompt and response are read). fwd: reward_forward as
+    """(N, K) rewards on 0-100 for rating rows (only prompt and response are read). fwd: reward_forward as
     common.parallelize wraps it. Under torchrun rank r predicts rows r, r + world, ... (padded with copies of row 0,
     so every rank runs as many batches: FSDP2 gathers layers collectively) and the ranks share their predictions."""
     rank, world = rank_world()
@@ -195,18 +180,19 @@ def predict_rows(fwd, rows, tok, args, device, autocast):
         with autocast():
             preds.append(fwd(enc["input_ids"].to(device), enc["attention_mask"].to(device)).cpu())
     fwd.train()
-    preds = torch.cat(preds).numpy() if preds else np.zeros((0, len(args.attributes)), np.float32)  # (N / world, K)
-    return np.stack(all_gather(preds), axis=1).reshape(-1, len(args.attributes))[:len(rows)]  # row k·world + r
+    preds = torch.cat(preds).numpy() if preds else np.zeros((0, len(ATTRIBUTES)), np.float32)  # (N / world, K)
+    return np.stack(all_gather(preds), axis=1).reshape(-1, len(ATTRIBUTES))[:len(rows)]  # row k·world + r
 
 
-def train_regression(args, train, tok, path, device, dtype, autocast, rng, ckpt=None, n_cut=0):
+def train_regression(args, flags, train, n_val, tok, path, device, dtype, autocast, rng, ckpt=None, n_cut=0):
     """Fine-tune backbone + bias-free head with masked MSE; → the model, predicting on 0-100, and its forward
-    (reward_forward as common.parallelize wraps it: DDP/FSDP2 under torchrun). ckpt: OUT/checkpoint.pt to resume
-    from; --save-every writes it."""
+    (reward_forward as runtime.dist.parallelize wraps it: DDP/FSDP2 under torchrun), the number of steps and the
+    per-step log. flags: the flags as resolved (the job's fingerprint); ckpt: OUT/checkpoint.pt to resume from;
+    --save-every writes it."""
     rank, world = rank_world()
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=len(args.attributes), problem_type="regression", dtype=torch.float32,
-        id2label=dict(enumerate(args.attributes)), label2id={a: k for k, a in enumerate(args.attributes)},
+        path, num_labels=len(ATTRIBUTES), problem_type="regression", dtype=torch.float32,
+        id2label=dict(enumerate(ATTRIBUTES)), label2id={a: k for k, a in enumerate(ATTRIBUTES)},
         trust_remote_code=args.trust_remote_code)
     model.config.pad_token_id = tok.pad_token_id
     torch.nn.init.zeros_(model.score.weight)  # fp32 master weights; start from r = 0, the head learns fast
@@ -224,7 +210,7 @@ def train_regression(args, train, tok, path, device, dtype, autocast, rng, ckpt=
     steps_per_epoch = math.ceil(len(train) / (args.batch_size * args.grad_accum * world))  # global batch
     total = max(1, int(args.epochs * steps_per_epoch))
     total = min(total, args.max_steps) if args.max_steps else total
-    print(f"train_rm: {len(train)} train / {len(args.val_rows)} val rows | {total} steps | "
+    print(f"train_rm: {len(train)} train / {n_val} val rows | {total} steps | "
           f"{sum(q.numel() for q in body) / 1e6:.1f}M trainable | {device} {dtype}"
           + (f" | {n_cut} rows cut at --max-len {args.max_len}" if n_cut else ""))
 
@@ -233,11 +219,10 @@ def train_regression(args, train, tok, path, device, dtype, autocast, rng, ckpt=
               for b in batches(train, tok, args.batch_size, args.max_len, args.template, True, rng))
     # rank r takes micro-batches r, r + world, ...: 1 process × --grad-accum 2·A runs what 2 ranks × A run
     stream = itertools.islice(stream, rank, None, world)
-    job = {k: v for k, v in vars(args).items()
-           if k not in ("attributes", "out", "save_every", "resume", "overwrite", "val_groups", "val_rows")}
-    job["data"] = [file_digest(s) if os.path.isfile(s) else s for s in args.data]
-    if args.pairs:
-        job["pairs"] = file_digest(args.pairs) if os.path.isfile(args.pairs) else args.pairs
+    job = {k: v for k, v in flags.items() if k not in ("out", "save_every", "resume", "overwrite")}
+    job["data"] = [file_digest(s) if os.path.isfile(s) else s for s in flags["data"]]
+    if flags["pairs"]:
+        job["pairs"] = file_digest(flags["pairs"]) if os.path.isfile(flags["pairs"]) else flags["pairs"]
     job["world"] = world
     job = json.loads(json.dumps(job, default=str))
     if ckpt:
@@ -277,12 +262,29 @@ def train_regression(args, train, tok, path, device, dtype, autocast, rng, ckpt=
                              "opt": opt.state_dict(), "rng": rng_state()})
     with torch.no_grad():
         model.score.weight.mul_(100.0)  # predictions on the 0-100 scale
-    args.steps, args.log = total, log
-    return model, fwd
+    return model, fwd, total, log
+
+
+def pairwise_metrics(predict, val_pairs, prefer):
+    """Held-out pairwise accuracy: chosen vs rejected by --prefer's reward, by the gate's score (gate only), and the
+    baseline 'the longer answer wins'. predict(items) → (rewards (N, K), score (N,) or None)."""
+    rc, sc = predict([(q["prompt"], q["chosen"]) for q in val_pairs])
+    rr, sr = predict([(q["prompt"], q["rejected"]) for q in val_pairs])
+    k = ATTRIBUTES.index(prefer)
+    out = {"n": len(val_pairs), "attribute": prefer, "accuracy_attribute": pair_accuracy(rc[:, k], rr[:, k]),
+           "accuracy_length": pair_accuracy([len(q["chosen"]) for q in val_pairs],  # baseline: longer wins
+                                            [len(q["rejected"]) for q in val_pairs])}
+    if sc is not None:
+        out["accuracy_score"] = pair_accuracy(sc, sr)
+    print("  pairwise accuracy (held out, n={n}): by {attribute} {accuracy_attribute:.3f}".format(**out)
+          + (f" | by gated score {out['accuracy_score']:.3f}" if sc is not None else "")
+          + f" | longer answer wins {out['accuracy_length']:.3f}")
+    return out
 
 
 # ============================================================================= main
-def main(argv=None):
+def build_parser():
+    """The flags, under # Data / # Model / # Optimization / # Output."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Data
     p.add_argument("--data", nargs="+", default=["data/rm_train.jsonl"],
@@ -339,8 +341,11 @@ def main(argv=None):
                    help="regression: write OUT/checkpoint.pt every N steps (0 = never)")
     p.add_argument("--resume", action="store_true", help="regression: continue from OUT/checkpoint.pt if there is one")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (a finished or other run)")
-    args = p.parse_args(argv)
-    args.attributes = ATTRIBUTES
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args.method != "regression" and (args.save_every or args.resume):
         raise SystemExit(f"error: --save-every/--resume apply to --method regression only; --method {args.method} "
                          f"fits in seconds on cached features and starts over (use --overwrite to replace OUT)")
@@ -356,14 +361,16 @@ def main(argv=None):
     inputs = [*args.data, args.pairs, resolve_model(args.backbone, args.trust_remote_code)]
     ckpt = check_output_dir(args.out, args.overwrite, args.resume, inputs)
     t0 = time.time()
-    rows, pairs, groups, info = load_data(args)
+    rows, pairs, groups, info, resolved = load_data(args)
+    flags = dict(vars(args), **resolved)  # the flags as resolved, for the job fingerprint and meta.json
+    prefer = resolved["prefer"]
     rng = random.Random(args.seed)
-    args.val_groups = set()
+    val_groups = set()
     for i, g in enumerate(groups if args.val_frac > 0 else []):  # per source: its held-out prompts do not depend
         r = rng if i == 0 else random.Random(args.seed + i)       # on what else is loaded
-        args.val_groups |= set(r.sample(g, max(1, int(args.val_frac * len(g)))))
-    train = [r for r in rows if r[4] not in args.val_groups]
-    args.val_rows = val = [r for r in rows if r[4] in args.val_groups]
+        val_groups |= set(r.sample(g, max(1, int(args.val_frac * len(g)))))
+    train = [r for r in rows if r["group"] not in val_groups]
+    val = [r for r in rows if r["group"] in val_groups]
     if not train:
         raise SystemExit(f"error: no training rows left in {' '.join(args.data)} after holding out {len(val)} for "
                          f"evaluation")
@@ -375,24 +382,27 @@ def main(argv=None):
         # the RM input ends with the end-of-turn token; a pad id different from it keeps HF's own
         # "last non-pad token" rule pointing at that token too
         tok.pad_token = tok.convert_ids_to_tokens(0)
-    n_cut = check_lengths(rows, tok, args)
+    n_cut = check_rm_lengths(tok, [r["prompt"] for r in rows], [r["response"] for r in rows],
+                             [r["where"] for r in rows], args.template, args.max_len)
     if pairs:  # every method is scored on the same pairs: those whose prompt fits --max-len (the gate needs it)
         fits = [e[1] >= 0 for e in encode_items(tok, [(q["prompt"], q["chosen"]) for q in pairs], args.template,
                                                  args.max_len)]
         if not all(fits):
             print(f"pairs: {fits.count(False)} of {len(pairs)} dropped: prompt longer than --max-len {args.max_len}")
         pairs = [q for q, f in zip(pairs, fits) if f]
-    val_pairs = [q for q in pairs if q["prompt_id"] in args.val_groups]
+    val_pairs = [q for q in pairs if q["prompt_id"] in val_groups]
     sources = ", ".join(f"{i['source']} ({i['schema']}, {i['records']} records)" for i in info["sources"])
     print(f"data: {sources} → {len(rows)} rows, {len(pairs)} pairs ({len(val_pairs)} held out) | method {args.method}")
 
     if args.method == "regression":
-        model, fwd = train_regression(args, train, tok, path, device, dtype, autocast, rng, ckpt, n_cut)
-        z = np.zeros(len(args.attributes), np.float32)  # every held-out text (rows and pairs) is run once
-        held = list(dict.fromkeys([(r[0], r[1]) for r in val] + [(q["prompt"], x) for q in val_pairs
+        model, fwd, steps, log = train_regression(args, flags, train, len(val), tok, path, device, dtype, autocast,
+                                                  rng, ckpt, n_cut)
+        z = np.zeros(len(ATTRIBUTES), np.float32)  # every held-out text (rows and pairs) is run once
+        held = list(dict.fromkeys([(r["prompt"], r["response"]) for r in val] + [(q["prompt"], x) for q in val_pairs
                                                                   for x in (q["chosen"], q["rejected"])]))
-        memo = dict(zip(held, predict_rows(fwd, [(a, b, z, z, None) for a, b in held], tok, args, device, autocast)))
-        pred = np.stack([memo[(r[0], r[1])] for r in val]) if val else np.zeros((0, len(args.attributes)))
+        memo = dict(zip(held, predict_rows(fwd, [{"prompt": a, "response": b, "target": z, "mask": z} for a, b in held], tok,
+                                                  args, device, autocast)))
+        pred = np.stack([memo[(r["prompt"], r["response"])] for r in val]) if val else np.zeros((0, len(ATTRIBUTES)))
 
         def predict(its):
             return np.stack([memo[it] for it in its]), None
@@ -400,52 +410,37 @@ def main(argv=None):
     else:
         print(f"train_rm: {len(train)} train / {len(val)} val rows | {args.method} | {device} {dtype}"
               + (f" | {n_cut} rows cut at --max-len {args.max_len}" if n_cut else ""))
-        head, predict, extra = train_armo(args, rows, pairs, tok, path, device, dtype, autocast)
-        pred = predict([(r[0], r[1]) for r in val])[0] if val else np.zeros((0, len(args.attributes)))
-        args.steps, args.log = (args.gate_steps if args.method == "gate" else 0), []
+        head, predict, extra = train_armo(args, rows, pairs, val_groups, tok, path, device, dtype, autocast)
+        pred = predict([(r["prompt"], r["response"]) for r in val])[0] if val else np.zeros((0, len(ATTRIBUTES)))
+        steps, log = (args.gate_steps if args.method == "gate" else 0), []
 
-    metrics = attribute_metrics(pred, val, args.attributes) if val else {}
+    metrics = attribute_metrics(pred, val, ATTRIBUTES) if val else {}
     for a, m in metrics.items():
         print(f"  {a:38s} mse {m['mse']:7.1f}  pearson {m['pearson'] if m['pearson'] is not None else float('nan'):.3f}"
               f"  (n={m['n']})")
     if val_pairs:
-        rc, sc = predict([(q["prompt"], q["chosen"]) for q in val_pairs])
-        rr, sr = predict([(q["prompt"], q["rejected"]) for q in val_pairs])
-        k = args.attributes.index(args.prefer)
-        metrics["pairwise"] = {"n": len(val_pairs), "attribute": args.prefer,
-                               "accuracy_attribute": pair_accuracy(rc[:, k], rr[:, k]),
-                               "accuracy_length": pair_accuracy([len(q["chosen"]) for q in val_pairs],  # baseline:
-                                                                [len(q["rejected"]) for q in val_pairs])}  # longer wins
-        if sc is not None:
-            metrics["pairwise"]["accuracy_score"] = pair_accuracy(sc, sr)
-        print("  pairwise accuracy (held out, n={n}): by {attribute} {accuracy_attribute:.3f}".format(
-            **metrics["pairwise"]) + (f" | by gated score {metrics['pairwise']['accuracy_score']:.3f}"
-                                      if sc is not None else "")
-              + f" | longer answer wins {metrics['pairwise']['accuracy_length']:.3f}")
-
+        metrics["pairwise"] = pairwise_metrics(predict, val_pairs, prefer)
     backbone = args.backbone if args.backbone.startswith("embedded:") or not os.path.exists(args.backbone) \
         else os.path.abspath(args.backbone)
-    meta = {"method": args.method, "attributes": args.attributes, "scale": [0, 100], "template": args.template,
+    meta = {"method": args.method, "attributes": ATTRIBUTES, "scale": [0, 100], "template": args.template,
             "max_len": args.max_len, "helpfulness": HELPFULNESS, "verbosity": VERBOSITY, "backbone": backbone,
-            "steps": args.steps, "seconds": round(time.time() - t0, 1), "data": info, **extra,
-            "args": {k: v for k, v in vars(args).items() if k not in ("attributes", "val_groups", "val_rows", "log")},
-            "eval": metrics, "log": args.log}
+            "steps": steps, "seconds": round(time.time() - t0, 1), "data": info, **extra,
+            "args": dict(flags, steps=steps), "eval": metrics, "log": log}
     if args.method == "regression":
         save_model(model, tok, args.out)  # every rank (FSDP2 gathers the shards); rank 0 writes
     if not is_main():
         return
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "eval.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
+    write_json(os.path.join(args.out, "eval.json"), metrics)
     if args.method == "regression":
-        write_meta(args.out, meta)  # meta.json last: the run is finished
+        write_json(os.path.join(args.out, "meta.json"), meta)  # last: the run is finished
     else:
         save_armo(args.out, head, meta)
     if os.path.exists(os.path.join(args.out, "checkpoint.pt")):
         os.remove(os.path.join(args.out, "checkpoint.pt"))
     hv = [metrics.get(a, {}).get("pearson") for a in (HELPFULNESS, VERBOSITY)]
     hv = [float("nan") if x is None else x for x in hv]
-    print(f"train_rm: {args.method} | {args.steps} steps in {time.time() - t0:.0f}s → {args.out} | held-out pearson "
+    print(f"train_rm: {args.method} | {steps} steps in {time.time() - t0:.0f}s → {args.out} | held-out pearson "
           f"helpfulness {hv[0]:.3f} verbosity {hv[1]:.3f}")
 
 

@@ -55,7 +55,7 @@ def short_prompts(src, dst, backbone, max_tokens):
     sys.path.insert(0, ROOT)
     from transformers import AutoTokenizer
 
-    from common import resolve_model
+    from runtime.models import resolve_model
     tok = AutoTokenizer.from_pretrained(resolve_model(backbone))
     with open(src, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]

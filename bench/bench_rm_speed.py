@@ -22,14 +22,14 @@ import benchlib as B
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-import rm_data
+from tools import rm_data
 from common import ATTRIBUTES
-from train_rm import batches, get_lr, masked_mse, sorted_forward, to_tuple
+from train_rm import batches, get_lr, masked_mse, sorted_forward, to_row
 
 
 def load_rows(jsonl, n):
-    """train_rm.py's reading of an rm-schema JSONL (rm_data.load, then to_tuple) → the n row tuples, in file order."""
-    rows = [to_tuple(r, ATTRIBUTES) for r in rm_data.load(jsonl, "rm")[0]]
+    """train_rm.py's reading of an rm-schema JSONL (rm_data.load, then to_row) → the n rating rows, in file order."""
+    rows = [to_row(r, ATTRIBUTES) for r in rm_data.load(jsonl, "rm")[0]]
     assert len(rows) == n, f"{jsonl}: {len(rows)} distinct rows of {n} (duplicates dropped)"
     return rows
 

@@ -19,7 +19,8 @@ import benchlib as B
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import chat_messages, read_jsonl
+from common import chat_messages
+from runtime.io import read_jsonl
 from sample import HINTS, generate_batch, make_jobs
 
 

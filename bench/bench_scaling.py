@@ -34,7 +34,8 @@ from transformers import (
     AutoTokenizer,
 )
 
-from common import ATTRIBUTES, read_jsonl, reward_forward, rm_text
+from common import ATTRIBUTES, reward_forward, rm_text
+from runtime.io import read_jsonl
 from sample import generate_batch, make_jobs
 from score import score_texts
 

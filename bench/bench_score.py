@@ -18,7 +18,8 @@ import benchlib as B
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from common import ATTRIBUTES, read_jsonl, reward_forward, rm_text
+from common import ATTRIBUTES, reward_forward, rm_text
+from runtime.io import read_jsonl
 from score import score_texts
 
 

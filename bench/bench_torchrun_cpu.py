@@ -22,7 +22,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from common import ATTRIBUTES, DEFAULT_MODEL, read_jsonl, resolve_model, write_jsonl
+from common import ATTRIBUTES
+from runtime.io import read_jsonl, write_jsonl
+from runtime.models import DEFAULT_MODEL, resolve_model
 
 
 def make_rm(out):

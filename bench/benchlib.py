@@ -26,7 +26,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch
 
-from common import DEFAULT_MODEL, read_jsonl, resolve_model, rm_text, setup
+from common import rm_text
+from runtime.io import read_jsonl
+from runtime.models import DEFAULT_MODEL, resolve_model, setup
 
 RESULTS = os.path.join(REPO, "runs", "bench")
 

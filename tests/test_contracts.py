@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 
 import common
-from common import (ATTRIBUTES, HELPFULNESS, VERBOSITY, DataError, best_of_n, chat_messages, check_output,
-                    degree_to_vector, directional_reward, read_jsonl, resolve_model, rm_text, system_prompt,
-                    vector_to_degree, vector_to_weights, weights_to_vector, write_jsonl)
+from runtime import models
+from common import (ATTRIBUTES, HELPFULNESS, VERBOSITY, best_of_n, chat_messages, degree_to_vector, directional_reward,
+                    rm_text, system_prompt, vector_to_degree, vector_to_weights, weights_to_vector)
+from runtime.io import DataError, check_output, read_jsonl, write_jsonl
+from runtime.models import resolve_model
 
 PREFIX = ("You are a helpful, respectful, and honest assistant who always responds to the user in a harmless way. "
           "Your response should maximize weighted rating = ")
@@ -294,10 +296,23 @@ def test_resolve_model_folder_without_config(tmp_path):
 
 def test_resolve_model_local_folder_and_default(tiny_model_dir, smollm2_dir):
     assert resolve_model(tiny_model_dir) == tiny_model_dir
-    if os.path.abspath(common.CACHE_DIR) == os.path.abspath(os.path.dirname(str(smollm2_dir))):
-        assert os.path.samefile(resolve_model(common.DEFAULT_MODEL), str(smollm2_dir))
+    if os.path.abspath(models.CACHE_DIR) == os.path.abspath(os.path.dirname(str(smollm2_dir))):
+        assert os.path.samefile(resolve_model(models.DEFAULT_MODEL), str(smollm2_dir))
 
 
 def test_resolve_model_hub_id_online_passes_through(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     assert resolve_model("owner/name") == "owner/name"  # no network call: resolution is purely syntactic
+
+
+def test_auto_dtype_never_fp16_and_cpu_bf16_from_public_flags(monkeypatch):
+    """No GradScaler exists, so CUDA without bf16 trains in fp32; the CPU check reads /proc/cpuinfo's flags, not a
+    private torch function, and agrees with them."""
+    monkeypatch.setattr(models.torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert models.setup(0, "cuda")[1] == models.torch.float32
+    monkeypatch.setattr(models.torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert models.setup(0, "cuda:0")[1] == models.torch.bfloat16
+    flags = open("/proc/cpuinfo").read().split()
+    assert models.cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    assert models.setup(0, "cpu")[1] == (models.torch.bfloat16 if models.cpu_has_native_bf16() else models.torch.float32)
+    assert "_is_avx512" not in open(models.__file__).read()

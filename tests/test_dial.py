@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import finetune
-import judge
 import sample
 from common import ATTRIBUTES, HELPFULNESS, VERBOSITY
+from tools import judge
 
 
 def _rec(pid, rid, h, v, words=None):
@@ -107,12 +107,6 @@ def test_target_curve_rising_words_and_flips():
     words = {r["degree"]: r["words"] for r in rows}
     assert [words[d] for d in (-45.0, -15.0, -10.0, 15.0, 20.0, 45.0)] == [10, 10, 30, 30, 90, 90]
     assert rows[0]["help"] == 60 and rows[-1]["verb"] == 80 and len(rows) == 19
-
-
-def test_rank_corr():
-    assert finetune.rank_corr([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-    assert finetune.rank_corr([1, 2, 3, 4], [40, 30, 20, 10]) == pytest.approx(-1.0)
-    assert finetune.rank_corr([1, 2, 3], [5, 5, 5]) != finetune.rank_corr([1, 2, 3], [5, 5, 5])  # NaN
 
 
 # ----------------------------------------------------------------------------- pairs between neighbouring angles

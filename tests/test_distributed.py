@@ -19,7 +19,9 @@ import sys
 import pytest
 import torch
 
-from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, DataError, collect_parts, read_jsonl, shard, shard_spec
+from common import ATTRIBUTES, HELPFULNESS, VERBOSITY
+from runtime.dist import collect_parts, shard, shard_spec
+from runtime.io import DataError, read_jsonl
 
 CPU = ("--device", "cpu", "--dtype", "float32")
 

@@ -15,9 +15,10 @@ import torch.nn.functional as F
 
 import evaluate
 import finetune
-import judge
+from tools import judge
 import train_rm
-from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, DataError, chat_messages, reward_forward
+from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, chat_messages, reward_forward
+from runtime.io import DataError
 
 
 # ----------------------------------------------------------------------------- train_rm
@@ -409,3 +410,11 @@ def test_reward_forward_padding_invariant(make_tiny_config, tokenizer):
         assert torch.allclose(batch[1], model.score(h), atol=1e-5)
     # rows differ (the test would be vacuous if every row gave the same output)
     assert not torch.allclose(batch[0], batch[1])
+
+
+def test_sft_loss_and_sequence_logps():
+    """sft_loss: mean NLL over the tokens of the first n_chosen rows only; sequence_logps: per-row sums."""
+    logp, row = torch.tensor([-1.0, -2.0, -3.0, -4.0]), torch.tensor([0, 0, 1, 2])
+    assert finetune.sft_loss(logp, row, 2).item() == pytest.approx(2.0)      # (1 + 2 + 3) / 3 tokens
+    assert finetune.sft_loss(logp, row, 1).item() == pytest.approx(1.5)      # row 0 only
+    assert finetune.sequence_logps(logp, row, 3).tolist() == [-3.0, -3.0, -4.0]

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import finetune
-import pref_data
-from common import DataError, chat_messages
+from tools import pref_data
+from common import chat_messages
+from runtime.io import DataError
 from test_stages import scored_records, write_lines
 
 LOG2 = math.log(2)

@@ -24,13 +24,15 @@ import pytest
 import torch
 
 import common
+from runtime import resume
 import evaluate
 import finetune
 import sample
 import score
 import steer
 import train_rm
-from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, DataError, read_jsonl
+from common import ATTRIBUTES, HELPFULNESS, VERBOSITY
+from runtime.io import DataError, read_jsonl
 
 CPU = ["--device", "cpu", "--dtype", "float32"]
 
@@ -425,7 +427,7 @@ def test_reward_model_without_dpa_axes(tmp, tiny_model_dir, fresh_tokenizer, mak
     fails(tmp, SystemExit, score, "--samples", s, "--rm", rm, "--out", tmp / "o.jsonl", *CPU,
           needles=(rm, HELPFULNESS, VERBOSITY, "harmless"))
     fails(tmp, SystemExit, steer, "--model", tiny_model_dir, "--rm", rm, "--best-of-n", 2, "--max-new-tokens", 2,
-          "--device", "cpu", "hi", needles=(rm, "does not rate", "harmless"))
+          "--device", "cpu", "hi", needles=(rm, "has no", "harmless"))  # score.py's loader and message
 
 
 # --- empty selection and empty inputs
@@ -621,18 +623,18 @@ def test_score_kill9_resumes_to_identical_bytes(repo_root, rm_dir, tmp, capsys):
 
 def test_partial_log_cuts_a_torn_line_and_appends_cleanly(tmp):
     path = str(tmp / "o.jsonl.partial")
-    done, append = common.open_partial(path, {"job": 1}, overwrite=False)
+    done, append = resume.open_partial(path, {"job": 1}, overwrite=False)
     assert done == [] and not os.path.exists(path)  # nothing finished, nothing written
     append([{"id": 1}, {"id": 2}])
     with open(path, "a") as f:
         f.write('{"id": 3, "resp')  # killed mid-write
-    done, append = common.open_partial(path, {"job": 1}, overwrite=False)
+    done, append = resume.open_partial(path, {"job": 1}, overwrite=False)
     assert done == [{"id": 1}, {"id": 2}]
     append([{"id": 3}])
     assert read_jsonl(path) == [{"partial": {"job": 1}}, {"id": 1}, {"id": 2}, {"id": 3}]
     with pytest.raises(SystemExit, match="different job"):
-        common.open_partial(path, {"job": 2}, overwrite=False)
-    done, append = common.open_partial(path, {"job": 2}, overwrite=True)  # starting over: the old log goes at the
+        resume.open_partial(path, {"job": 2}, overwrite=False)
+    done, append = resume.open_partial(path, {"job": 2}, overwrite=True)  # starting over: the old log goes at the
     assert done == []                                                     # first append
     append([{"id": 9}])
     assert read_jsonl(path) == [{"partial": {"job": 2}}, {"id": 9}]
@@ -642,10 +644,10 @@ def test_rng_state_round_trip(tmp):
     import random
 
     import numpy as np
-    common.save_checkpoint(str(tmp / "c.pt"), {"rng": common.rng_state()})
+    resume.save_checkpoint(str(tmp / "c.pt"), {"rng": resume.rng_state()})
     expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
     random.random(), np.random.rand(), torch.rand(1)  # move every generator on
-    common.set_rng_state(torch.load(tmp / "c.pt", weights_only=True)["rng"])
+    resume.set_rng_state(torch.load(tmp / "c.pt", weights_only=True)["rng"])
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
 
 
@@ -730,14 +732,14 @@ def test_finetune_checkpoint_resume_and_determinism(tmp, tiny_model_dir, monkeyp
 
 def test_checkpoint_write_is_atomic(tmp, monkeypatch):
     path = tmp / "checkpoint.pt"
-    common.save_checkpoint(str(path), {"step": 1})
+    resume.save_checkpoint(str(path), {"step": 1})
 
     def broken_save(obj, f, *a, **kw):
         Path(f).write_bytes(b"half a checkp")
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError):
-        common.save_checkpoint(str(path), {"step": 2})
+        resume.save_checkpoint(str(path), {"step": 2})
     assert torch.load(path, weights_only=True) == {"step": 1}  # the previous checkpoint survives
     assert files(tmp) == ["checkpoint.pt"]
 

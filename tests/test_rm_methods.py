@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-import armo
-import rm_data
+from tools import armo
+from tools import reward_models, rm_data, stats
 import score
+import steer
 import train_rm
-from common import (ATTRIBUTES, DPA_RM_TEMPLATE, HELPFULNESS, VERBOSITY, DataError, read_jsonl, reward_forward,
-                    rm_prompt_text, rm_text)
-from evaluate import spearman as spearman_np
+from common import ATTRIBUTES, DPA_RM_TEMPLATE, HELPFULNESS, VERBOSITY, reward_forward, rm_text
+from runtime.io import DataError, read_jsonl
+from tools.armo import rm_prompt_text
 
 CPU = ["--device", "cpu", "--dtype", "float32"]
 VERB = ATTRIBUTES.index(VERBOSITY)
@@ -46,8 +47,8 @@ def test_helpsteer_rows_are_bin_centres(tmp_path):
                                  "helpsteer-coherence": 10.0, "helpsteer-complexity": 50.0,
                                  "helpsteer-verbosity": 30.0}
     assert rows[1]["labels"]["helpsteer-correctness"] is None and rows[1]["labels"]["helpsteer-verbosity"] is None
-    t = train_rm.to_tuple(rows[1], ATTRIBUTES)  # missing → mask 0
-    assert t[3].tolist() == [1, 0, 1, 1, 0, 0, 0, 0, 0, 0] and t[2][0] == pytest.approx(0.1)
+    t = train_rm.to_row(rows[1], ATTRIBUTES)  # missing → mask 0
+    assert t["mask"].tolist() == [1, 0, 1, 1, 0, 0, 0, 0, 0, 0] and t["target"][0] == pytest.approx(0.1)
     bad = write_lines(tmp_path / "bad.jsonl", [{"prompt": "P", "response": "R", "helpfulness": 5}])
     with pytest.raises(DataError, match=f"{bad}:1: field 'helpfulness'"):
         rm_data.load(bad)
@@ -140,11 +141,12 @@ def test_fit_probe_ignores_missing_labels_and_picks_alpha():
     assert alpha[2] is None and W[2].abs().sum() == 0  # never labelled: zero weights
 
 
-def test_spearman_matches_numpy_version_with_ties():
+def test_spearman_with_ties_is_pearson_of_average_ranks():
     x = torch.tensor([1.0, 2, 2, 3, 5, 5, 5, 0])
     y = torch.tensor([3.0, 1, 4, 1, 5, 9, 2, 6])
-    assert armo.spearman(x, y) == pytest.approx(spearman_np(x.numpy(), y.numpy()), abs=1e-12)
-    assert armo.average_ranks(x).tolist() == [1, 2.5, 2.5, 4, 6, 6, 6, 0]
+    rx, ry = [1, 2.5, 2.5, 4, 6, 6, 6, 0], [3, 0.5, 4, 0.5, 5, 7, 2, 6]  # average ranks, worked by hand
+    assert armo.spearman(x, y) == pytest.approx(float(np.corrcoef(rx, ry)[0, 1]), abs=1e-12)
+    assert stats.average_ranks(x).tolist() == rx and stats.average_ranks(y).tolist() == ry
     assert math.isnan(armo.spearman(torch.ones(5), torch.arange(5.0)))
 
 
@@ -356,6 +358,24 @@ def test_score_released_dpa_layout(samples, tmp_path, tokenizer, make_tiny_confi
             assert [r["rewards"][a] for a in ATTRIBUTES] == pytest.approx(ref, abs=2e-3)
 
 
+def test_steer_reads_every_rm_format_with_the_loader_of_score(trained, tmp_path, tokenizer, make_tiny_config,
+                                                               tiny_model_dir, capsys):
+    """steer.py --rm goes through score.py's loader: the released DPA layout (LABEL_i names, no meta.json) gets the
+    [INST] template and the DPA attribute names; probe and gate folders load too."""
+    from transformers import LlamaForSequenceClassification
+    torch.manual_seed(3)
+    released = tmp_path / "dpa-rm"
+    LlamaForSequenceClassification(make_tiny_config(len(tokenizer), num_labels=10)).save_pretrained(str(released))
+    tokenizer.save_pretrained(str(released))
+    rm = reward_models.load_rm(str(released), "cpu", torch.float32)
+    assert rm.kind == "released-dpa" and rm.template == "dpa" and rm.names == ATTRIBUTES
+    for folder in (released, trained["probe"][0], trained["gate"][0]):
+        steer.main(["--model", tiny_model_dir, "--rm", str(folder), "--best-of-n", "2", "--max-new-tokens", "3",
+                    "--verbose", "--device", "cpu", "hi"])
+        out = capsys.readouterr().out
+        assert "[candidate 0] vᵀr = " in out and "[candidate 1] vᵀr = " in out and "[assistant θ=0°]" in out
+
+
 STAND_IN = '''
 from dataclasses import dataclass
 import torch
@@ -417,13 +437,13 @@ def test_score_own_code_gated_model(repo_root, samples, tmp_path, tokenizer, mak
     assert p.returncode == 0, p.stderr[-2000:]
     recs = read_jsonl(str(out))
     assert [r["id"] for r in recs] == [f"r{i}" for i in range(5)]
-    assert list(recs[0]["rewards"]) == score.ARMO_OBJECTIVES and list(recs[0]["gating"]) == score.ARMO_OBJECTIVES
+    assert list(recs[0]["rewards"]) == reward_models.ARMO_OBJECTIVES and list(recs[0]["gating"]) == reward_models.ARMO_OBJECTIVES
     with torch.no_grad():
         for r in recs:
             ids = tokenizer(rm_text(tokenizer, r["prompt"], r["response"]), return_tensors="pt",
                             add_special_tokens=False)
             o = model(ids["input_ids"], ids["attention_mask"])
-            assert [r["rewards"][a] for a in score.ARMO_OBJECTIVES] == pytest.approx((o.rewards[0] * 100).tolist(),
+            assert [r["rewards"][a] for a in reward_models.ARMO_OBJECTIVES] == pytest.approx((o.rewards[0] * 100).tolist(),
                                                                                    abs=2e-3)
             assert r["score"] == pytest.approx(o.score.item() * 100, abs=2e-3)
             assert sum(r["gating"].values()) == pytest.approx(1.0, abs=1e-3)

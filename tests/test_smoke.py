@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from common import read_jsonl
+from runtime.io import read_jsonl
 
 
 def test_smoke_run_all(repo_root, smollm2_dir, tmp_path):

@@ -17,7 +17,8 @@ import sys
 import pytest
 import torch
 
-from common import ATTRIBUTES, HELPFULNESS, SCHEMA_VERSION, VERBOSITY, read_jsonl, reward_forward, rm_text
+from common import ATTRIBUTES, HELPFULNESS, SCHEMA_VERSION, VERBOSITY, reward_forward, rm_text
+from runtime.io import read_jsonl
 
 CPU = ("--device", "cpu", "--dtype", "float32")
 

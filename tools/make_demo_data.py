@@ -14,7 +14,7 @@ Seeded and transparent, in three steps:
 The committed file was made by the command below (≈ 8 min on 2 CPU cores). With real data, train on HelpSteer or
 UltraFeedback ratings instead: any JSONL of {prompt, response, labels: {attribute: 0-100 or null}} works.
 
-    python make_demo_data.py --prompts data/prompts_train.jsonl --out data/rm_train.jsonl
+    python -m tools.make_demo_data --prompts data/prompts_train.jsonl --out data/rm_train.jsonl
 """
 import argparse
 import os
@@ -23,8 +23,9 @@ import subprocess
 import sys
 import tempfile
 
-from common import ATTRIBUTES, SCHEMA_VERSION, read_jsonl, write_jsonl
-from judge import Judge
+from common import ATTRIBUTES, SCHEMA_VERSION
+from runtime.io import read_jsonl, write_jsonl
+from tools.judge import Judge
 
 
 def negatives(rows, rng, frac):

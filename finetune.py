@@ -176,6 +176,8 @@ def target_curve(records, rewards, degrees=GRID):
 
 
 def print_target_curve(records, rewards, source):
+    if not records:
+        return
     rows, flips = target_curve(records, rewards)
     near = sum(abs(f) <= 10 for f in flips) / max(1, len(flips))
     rho = spearman([r["degree"] for r in rows], [r["words"] for r in rows])

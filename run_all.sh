@@ -28,9 +28,10 @@ PREF=${PREF:-dpo}               # explore recipe, preference step after hindsigh
                                 # (Relative Preference Optimization, arXiv 2402.10958) | none (RSF only); same flags
 case "$PREF" in dpo|rpo_paired|rpo_unpaired|none) ;; *) echo "error: PREF=$PREF (dpo|rpo_paired|rpo_unpaired|none)" >&2; exit 2;; esac
 EVAL_DEGREES=-45,-30,-15,0,15,30,45
+STEER_DEGREES="-45 -15 15 45"
 if [[ "${SMOKE:-0}" == 1 ]]; then
   OUT=${OUT%/demo}/smoke; N_TRAIN=6; N_EVAL=3; N_SAMPLES=1; MAX_NEW=24; RM_STEPS=3; SFT_STEPS=2; DPO_STEPS=2
-  EVAL_DEGREES=-45,0,45
+  EVAL_DEGREES=-45,0,45; STEER_DEGREES="-45 45"
 else
   N_TRAIN=${N_TRAIN:-100}; N_EVAL=${N_EVAL:-24}; N_SAMPLES=${N_SAMPLES:-1}; MAX_NEW=${MAX_NEW:-160}
   RM_STEPS=${RM_STEPS:-0}; SFT_STEPS=${SFT_STEPS:-0}; DPO_STEPS=${DPO_STEPS:-0}   # 0 = the epochs below
@@ -139,7 +140,7 @@ $PY evaluate.py $EVALS --rerank "$BO=$OUT/eval-bo6.jsonl" --degrees="$EVAL_DEGRE
 
 # --- 6. steering the final policy: the same question at both ends of the range
 stamp steer
-for deg in -45 -15 15 45; do
+for deg in $STEER_DEGREES; do
   $PY steer.py --model "$policy" --degree "$deg" --max-new-tokens "$MAX_NEW" "What should I pack for a weekend camping trip?"
 done
 stamp "done: results in $OUT (eval.csv, eval.png)"

@@ -474,6 +474,40 @@ def build_parser():
     return p
 
 
+def plan_steps(args, rows, paired, rank, world, rng):
+    """→ (optimizer steps, this rank's micro-batches of chosen rows, of rejected rows). Every rank takes its own
+    micro-batches of one planned stream: micro-batch k of a step on rank r is the one a single process would run as
+    micro-batch k·world + r (so 1 process × --grad-accum 2·A = 2 ranks × A)."""
+    per_step = args.batch_size * args.grad_accum * world  # the global batch
+    total = max(1, int(args.epochs * math.ceil(len(rows) / per_step)))
+    total = min(total, args.max_steps) if args.max_steps else total
+    groups = [r["group"] for r in rows]
+    plan = plan_batches(groups, args.batch_size, total * args.grad_accum * world, rng)
+    # the rejected answers of each micro-batch: the same pairs' (dpo, rpo_paired), other prompts' (rpo_unpaired)
+    rplan = [] if args.loss == "sft" else plan if paired else plan_rejected(groups, plan, random.Random(args.seed + 1))
+    return total, plan[rank::world], rplan[rank::world]
+
+
+def micro_batch_loss(args, forward, idx, ridx, ref, omega, paired, stats):
+    """The loss of one micro-batch: sft_loss on the RSF targets, or DPO/RPO (+ --nll-coef × sft_loss on the chosen);
+    adds margin, accuracy (and RPO's ω_ii) to stats, averaged over --grad-accum."""
+    if args.loss == "sft":
+        return forward(idx)[1]
+    seq, nll = forward(idx, ridx)
+    pc, pr = seq.view(2, -1)
+    if args.loss == "dpo":
+        losses, margin = dpo_loss(pc, pr, ref[0], ref[1], args.beta)
+        pref = losses.mean()
+    else:  # margin: DPO's diagonal when paired; every chosen-vs-rejected cell when unpaired
+        pref, delta = rpo_loss(pc, pr, ref[0], ref[1], omega, args.beta)
+        margin = delta.diagonal() if paired else delta.flatten()
+        if paired:  # the diagonal's share of each row: its effective β is β·ω_ii
+            stats["w_ii"] += omega.diagonal().mean().item() / args.grad_accum
+    stats["margin"] += margin.mean().item() / args.grad_accum
+    stats["acc"] += (margin > 0).float().mean().item() / args.grad_accum
+    return pref + args.nll_coef * nll
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.fsdp and (args.save_every or args.resume):
@@ -518,16 +552,7 @@ def main(argv=None):
         return micro_batch_logps(fwd, data, idx, ridx, tok.pad_token_id, device, autocast)
 
     rng = random.Random(args.seed)
-    per_step = args.batch_size * args.grad_accum * world  # the global batch: every rank takes its own micro-batches
-    total = max(1, int(args.epochs * math.ceil(len(data) / per_step)))
-    total = min(total, args.max_steps) if args.max_steps else total
-    groups = [r["group"] for r in rows]
-    plan = plan_batches(groups, args.batch_size, total * args.grad_accum * world, rng)
-    # the rejected answers of each micro-batch: the same pairs' (dpo, rpo_paired), other prompts' (rpo_unpaired)
-    rplan = [] if args.loss == "sft" else plan if paired else plan_rejected(groups, plan, random.Random(args.seed + 1))
-    # rank r takes micro-batches r, r + world, ...: micro-batch k of a step on rank r is the one a single process
-    # would run as micro-batch k·world + r (so 1 process × --grad-accum 2·A = 2 ranks × A)
-    plan, rplan = plan[rank::world], rplan[rank::world]
+    total, plan, rplan = plan_steps(args, rows, paired, rank, world, rng)
     job = {k: v for k, v in vars(args).items() if k not in ("out", "save_every", "resume", "overwrite")}
     job["scored" if args.scored else "prefs"] = file_digest(source)
     job["world"] = world
@@ -565,22 +590,8 @@ def main(argv=None):
         # ---------------- TRAINING STEP BEGIN
         for micro in range(step * args.grad_accum, (step + 1) * args.grad_accum):
             grad_sync(fwd, micro == (step + 1) * args.grad_accum - 1)  # ranks average gradients once per step
-            if args.loss == "sft":
-                _, loss = forward(plan[micro])  # sft_loss on the RSF targets
-            else:
-                seq, nll = forward(plan[micro], rplan[micro])
-                pc, pr = seq.view(2, -1)
-                if args.loss == "dpo":
-                    losses, margin = dpo_loss(pc, pr, ref[micro][0], ref[micro][1], args.beta)
-                    pref = losses.mean()
-                else:  # margin: DPO's diagonal when paired; every chosen-vs-rejected cell when unpaired
-                    pref, delta = rpo_loss(pc, pr, ref[micro][0], ref[micro][1], omega[micro], args.beta)
-                    margin = delta.diagonal() if paired else delta.flatten()
-                    if paired:  # the diagonal's share of each row: its effective β is β·ω_ii
-                        stats["w_ii"] += omega[micro].diagonal().mean().item() / args.grad_accum
-                loss = pref + args.nll_coef * nll
-                stats["margin"] += margin.mean().item() / args.grad_accum
-                stats["acc"] += (margin > 0).float().mean().item() / args.grad_accum
+            loss = micro_batch_loss(args, forward, plan[micro], rplan[micro] if rplan else (),
+                                    ref[micro] if ref else None, omega[micro] if omega else None, paired, stats)
             (loss / args.grad_accum).backward()
             stats["loss"] += loss.item() / args.grad_accum
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -54,8 +54,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, best_of_n, chat_messages, degree_to_vector, directional_reward
 from runtime.dist import all_gather, all_mean, dist_setup, grad_sync, is_main, parallelize, save_model
-from runtime.io import (DataError, check_fields, check_output_dir, check_unique, cli, file_digest, parse_degrees,
-                        read_jsonl, write_json, write_jsonl)
+from runtime.io import (DataError, check_fields, check_finite, check_output_dir, check_unique, cli, file_digest,
+                        parse_degrees, read_jsonl, write_json, write_jsonl)
 from runtime.models import CACHE_DIR, DEFAULT_MODEL, get_lr, resolve_model, setup
 from runtime.resume import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from tools.pref_data import DEFAULT_EMBEDDER, embed_prompts, prompt_text, read_prefs
@@ -84,8 +84,7 @@ def reward_matrix(records, path, lines=None):
             raise DataError(f"{path}:{line}: field 'rewards' has {len(rw)} attributes but line {first[0]} has "
                             f"{len(first[1])} (differing: {sorted(set(rw) ^ first[1])[:4]}): scored by different RMs?")
         for a, v in rw.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise DataError(f"{path}:{line}: field 'rewards.{a}' must be a finite number, got {v!r}")
+            check_finite(f"{path}:{line}", f"rewards.{a}", v)
         for k, a in enumerate(ATTRIBUTES):
             out[i, k] = rw.get(a, 0.0)
     return out

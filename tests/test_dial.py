@@ -116,3 +116,15 @@ def test_select_pairs_neighbours():
     # winners: −45° s, 0° m, +45° l → (0°: m ≻ s, −45°: s ≻ m), (45°: l ≻ m, 0°: m ≻ l)
     assert [(p["degree"], p["chosen"], p["rejected"], p["group"]) for p in pairs] == [
         (0.0, "m", "s", "A/-45:0"), (-45.0, "s", "m", "A/-45:0"), (45.0, "l", "m", "A/0:45"), (0.0, "m", "l", "A/0:45")]
+
+
+def test_finetune_diagnose_prints_the_curve_and_writes_nothing(tmp_path, capsys):
+    import json
+    recs = [_rec("A", "s", 60, 20, 10), _rec("A", "m", 64, 40, 30), _rec("A", "l", 50, 80, 90)]
+    f = tmp_path / "scored.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    finetune.main(["--scored", str(f), "--diagnose", "--device", "cpu"])
+    out = capsys.readouterr().out
+    # words 10 × 7 angles, 30 × 6, 90 × 6 (ties share ranks); flips at −11.3° and +19.3°, none within ±10°
+    assert "Spearman(θ, words) +0.943 over 19 angles | 2 flips, 0% within ±10°" in out
+    assert out.count("\n") == 6 and sorted(p.name for p in tmp_path.iterdir()) == ["scored.jsonl"]

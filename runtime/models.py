@@ -48,14 +48,16 @@ def resolve_model(name, trust_remote_code=False):
 
 
 def cpu_has_native_bf16():
-    """True when the CPU computes bf16 natively (avx512_bf16 or amx_bf16 in /proc/cpuinfo's flags; without /proc,
-    torch's public capability string)."""
+    """True when the CPU computes bf16 natively (avx512_bf16 or amx_bf16 in /proc/cpuinfo's flags) and torch runs
+    its AVX-512 kernels: ATEN_CPU_CAPABILITY=avx2 (how an AVX2-only CPU is reproduced on a bf16 one) means fp32."""
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False
     try:
         with open("/proc/cpuinfo") as f:
             flags = set(" ".join(line for line in f if line.startswith("flags")).split())
         return bool(flags & {"avx512_bf16", "amx_bf16"})
     except OSError:
-        return torch.backends.cpu.get_cpu_capability() == "AVX512_BF16"
+        return False
 
 
 def setup(seed, device="auto", dtype="auto", threads=None):

@@ -46,6 +46,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, reward_forward, rm_text
+from runtime import lora
 from runtime.dist import all_gather, all_mean, dist_setup, grad_sync, is_main, parallelize, rank_world, save_model
 from runtime.io import DataError, check_output_dir, check_rm_lengths, cli, file_digest, write_json
 from runtime.models import CACHE_DIR, DEFAULT_MODEL, get_lr, resolve_model, setup
@@ -196,6 +197,7 @@ def train_regression(args, flags, train, n_val, tok, path, device, dtype, autoca
         trust_remote_code=args.trust_remote_code)
     model.config.pad_token_id = tok.pad_token_id
     torch.nn.init.zeros_(model.score.weight)  # fp32 master weights; start from r = 0, the head learns fast
+    merge_adapters = lora.prepare(model, args, trainable=["score"])  # --lora / --grad-checkpointing
     frozen = [model.model.embed_tokens, *model.model.layers[:args.freeze_layers]]
     for m in frozen:
         m.requires_grad_(False)
@@ -260,6 +262,7 @@ def train_regression(args, flags, train, n_val, tok, path, device, dtype, autoca
             save_checkpoint(os.path.join(args.out, "checkpoint.pt"),
                             {"fingerprint": job, "step": step, "log": log, "model": model.state_dict(),
                              "opt": opt.state_dict(), "rng": rng_state()})
+    model = merge_adapters()  # --lora: the adapters merged into the weights (the head trained in full)
     with torch.no_grad():
         model.score.weight.mul_(100.0)  # predictions on the 0-100 scale
     return model, fwd, total, log
@@ -308,6 +311,7 @@ def build_parser():
     p.add_argument("--freeze-layers", type=int, default=0, help="regression: freeze embeddings and the lowest N layers")
     p.add_argument("--fsdp", action="store_true", help="regression under torchrun: FSDP2 instead of DDP")
     p.add_argument("--compile", action="store_true", help="regression: torch.compile each decoder layer (pays on GPU)")
+    lora.add_flags(p)  # regression: --lora R, --lora-alpha, --lora-dropout, --lora-targets, --grad-checkpointing
     p.add_argument("--ridge-alphas", type=float, nargs="+", default=RIDGE_ALPHAS, help="probe: α grid")
     p.add_argument("--ridge-val-frac", type=float, default=0.2, help="probe: training prompts that pick α")
     p.add_argument("--gate-hidden", type=int, default=1024)

@@ -134,6 +134,13 @@ def rm_text(tokenizer, prompt, response, template="chat"):
     return tokenizer.apply_chat_template(msgs, tokenize=False).rstrip("\n")
 
 
+def rm_encode(tokenizer, texts, template="chat", **kw):
+    """Token ids of rm_text(...) texts. A chat template writes its own special tokens (BOS) into the text; the DPA
+    template is a plain string, tokenized as the released RM's model card does, with the tokenizer's own special
+    tokens (a Mistral tokenizer's BOS <s>)."""
+    return tokenizer(texts, add_special_tokens=template == "dpa", **kw)
+
+
 
 
 def reward_forward(model, input_ids, attention_mask):

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, reward_forward, rm_text
+from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, reward_forward, rm_encode, rm_text
 from runtime import lora
 from runtime.dist import all_gather, all_mean, dist_setup, grad_sync, is_main, parallelize, rank_world, save_model
 from runtime.io import DataError, check_output_dir, check_rm_lengths, cli, file_digest, write_json
@@ -130,8 +130,8 @@ def batches(rows, tok, batch_size, max_len, template, shuffle, rng):
         rng.shuffle(idx)
     for i in range(0, len(idx), batch_size):
         b = [rows[j] for j in idx[i:i + batch_size]]
-        enc = tok([rm_text(tok, r["prompt"], r["response"], template) for r in b], return_tensors="pt", padding=True,
-                  truncation=True, max_length=max_len, add_special_tokens=False)
+        enc = rm_encode(tok, [rm_text(tok, r["prompt"], r["response"], template) for r in b], template,
+                        return_tensors="pt", padding=True, truncation=True, max_length=max_len)
         yield enc, torch.tensor(np.stack([r["target"] for r in b])), torch.tensor(np.stack([r["mask"] for r in b]))
 
 

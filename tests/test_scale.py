@@ -173,3 +173,90 @@ def test_grad_checkpointing_recomputes_and_matches_gradients(tiny_model_dir):
     assert sorted(grads[0]) == sorted(grads[1])
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+# ----------------------------------------------------------------------------- chat templates and the RM's BOS
+# Mistral-Instruct v0.1's convention: BOS, then [INST] user [/INST] answer</s> turns; any other role raises
+SYSTEMLESS = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + "
+              "' [/INST]' }}{% elif m['role'] == 'assistant' %}{{ m['content'] + eos_token }}{% else %}"
+              "{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
+
+
+@pytest.fixture(scope="module")
+def mistral_like(tmp_path_factory):
+    """A word-level tokenizer that adds BOS <s> like a Mistral tokenizer, with the system-less template above, and a
+    tiny random causal LM and a 10-output sequence classifier (the released DPA RM's layout: no meta.json) on it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
+    from conftest import tiny_config
+    words = ["<unk>", "<s>", "</s>", "[", "]", "/", "INST", "Question", "?", ".", ",", "User", ":", "Assistant", "You",
+             "must", "read", "the", "answer", "A", "B", "yes", "no"] + [f"w{i}" for i in range(40)]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="</s>", chat_template=SYSTEMLESS)
+    root = tmp_path_factory.mktemp("mistral-like")
+    torch.manual_seed(0)
+    cfg = dict(pad_token_id=2, eos_token_id=2, bos_token_id=1)
+    for name, model in (("policy", LlamaForCausalLM(tiny_config(len(words), **cfg))),
+                        ("rm", LlamaForSequenceClassification(tiny_config(len(words), num_labels=10, **cfg)))):
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return root, tok
+
+
+def test_systemless_template_gets_the_system_prompt_in_the_first_user_turn(mistral_like, tokenizer):
+    from common import chat_messages, render_chat, system_prompt, system_via
+    _, tok = mistral_like
+    msgs = chat_messages("Question A?", 30)
+    with pytest.raises(Exception, match="Only user and assistant"):  # what sample.py died of before
+        tok.apply_chat_template(msgs, tokenize=False)
+    assert system_via(tok) == "user"
+    assert render_chat(tok, msgs) == f"<s>[INST] {system_prompt(30)}\n\nQuestion A? [/INST]"
+    # a template with a system role: the existing path, byte for byte
+    assert system_via(tokenizer) == "system"
+    assert render_chat(tokenizer, msgs) == tokenizer.apply_chat_template(msgs, tokenize=False,
+                                                                         add_generation_prompt=True)
+    broken = type(tok).from_pretrained(str(mistral_like[0] / "policy"))
+    broken.chat_template = "{{ raise_exception('no chat here') }}"
+    with pytest.raises(SystemExit, match="renders neither a system nor a user turn.*no chat here"):
+        system_via(broken)
+
+
+def test_sample_and_finetune_on_a_systemless_template(mistral_like, tmp_path):
+    """sample.py states how the system prompt went in; finetune.py trains under the same rendering."""
+    root, _ = mistral_like
+    prompts = write_lines(tmp_path / "p.jsonl", [{"id": "a", "prompt": "Question A?"}, {"id": "b", "prompt": "B ?"}])
+    one_process("sample", "--prompts", prompts, "--n", 2, "--max-new-tokens", 4, "--model", root / "policy",
+                "--out", tmp_path / "s.jsonl", *CPU)
+    recs = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert len(recs) == 4 and {r["system_via"] for r in recs} == {"user"}
+    for r in recs:
+        r["rewards"] = dict.fromkeys(ATTRIBUTES, 50.0) | {HELPFULNESS: float(len(r["response"])), VERBOSITY: 1.0}
+    write_lines(tmp_path / "scored.jsonl", recs)
+    sft(tmp_path / "scored.jsonl", root / "policy", tmp_path / "policy", "--max-steps", 1)
+    assert json.loads((tmp_path / "policy" / "meta.json").read_text())["system_via"] == "user"
+
+
+def test_released_rm_layout_reads_the_dpa_template_with_bos(mistral_like):
+    """A 10-output classifier without meta.json is the released DPA RM: template dpa, tokenized with the tokenizer's
+    BOS, as its model card does (tokenizer(text), then the last token's head output); steer.py uses this loader."""
+    import steer
+    from common import reward_forward, rm_encode, rm_text
+    from tools.reward_models import load_rm
+    root, tok = mistral_like
+    assert steer.load_rm is load_rm
+    rm = load_rm(str(root / "rm"), "cpu", torch.float32)
+    assert (rm.kind, rm.template) == ("released-dpa", "dpa")
+    text = rm_text(tok, "Question A?", "yes .", "dpa")
+    ids = rm_encode(tok, [text], "dpa")["input_ids"][0]
+    assert ids[0] == tok.bos_token_id and ids[1:] == tok(text, add_special_tokens=False)["input_ids"]
+    got = rm.score(["Question A?", "B ?"], ["yes .", "no"], ["a", "b"])["rewards"]
+    from transformers import AutoModelForSequenceClassification
+    model = AutoModelForSequenceClassification.from_pretrained(str(root / "rm")).eval()
+    for (p, r), g in zip([("Question A?", "yes ."), ("B ?", "no")], got):
+        enc = tok(rm_text(tok, p, r, "dpa"), return_tensors="pt")  # the model card's call: special tokens added
+        with torch.no_grad():
+            want = reward_forward(model, enc["input_ids"], enc["attention_mask"])[0]
+        torch.testing.assert_close(torch.tensor(g), want, atol=1e-5, rtol=0)

@@ -59,7 +59,7 @@ from runtime.dist import all_gather, all_mean, dist_setup, grad_sync, is_main, p
 from runtime.io import (DataError, check_fields, check_finite, check_output_dir, check_unique, cli, file_digest,
                         parse_degrees, read_jsonl, write_json, write_jsonl)
 from runtime.models import CACHE_DIR, DEFAULT_MODEL, get_lr, resolve_model, setup
-from runtime.resume import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from runtime.resume import drop_checkpoint, load_checkpoint, load_training, rng_state, save_training, set_rng_state
 from tools.pref_data import DEFAULT_EMBEDDER, embed_prompts, prompt_text, read_prefs
 from tools.stats import spearman
 
@@ -512,9 +512,6 @@ def micro_batch_loss(args, forward, idx, ridx, ref, omega, paired, stats):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.fsdp and (args.save_every or args.resume):
-        raise SystemExit("error: --save-every/--resume do not work with --fsdp (the optimizer state is sharded over "
-                         "the ranks); checkpoint under DDP, or train without checkpoints")
 
     rank, world, device = dist_setup(args.device)  # torchrun: one process per device; else (0, 1, device)
     device, dtype, autocast = setup(args.seed, device, args.dtype)
@@ -579,8 +576,7 @@ def main(argv=None):
           + (f" | {n_cut} sequences cut at --max-len {args.max_len}" if n_cut else ""))
     t0, log, start = time.time(), [], 0
     if state:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
+        load_training(state, args.out, model, opt)  # FSDP2: each rank its own shards
         start, log = state["step"], state["log"]
         set_rng_state(state["rng"])
         print(f"finetune: resumed from {ckpt} at step {start}")
@@ -607,11 +603,9 @@ def main(argv=None):
         print(f"step {step + 1}/{total} | loss {stats['loss']:.4f}{extra} | lr {lr:.1e} | {stats['seconds']:.1f}s",
               flush=True)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
-            refs = all_gather([r.cpu() for r in ref])  # DDP: the ranks' models and optimizers are equal, rank 0 writes
-            if is_main():
-                save_checkpoint(os.path.join(args.out, "checkpoint.pt"),
-                                {"fingerprint": job, "step": step + 1, "log": log, "model": model.state_dict(),
-                                 "opt": opt.state_dict(), "ref": refs, "rng": rng_state()})
+            refs = all_gather([r.cpu() for r in ref])  # every rank's reference log-probs
+            save_training(args.out, model, opt,  # DDP: rank 0 writes; FSDP2: every rank its shards
+                          {"fingerprint": job, "step": step + 1, "log": log, "ref": refs, "rng": rng_state()})
 
     model = merge_adapters()  # --lora: the adapters merged into the weights
     save_model(model, tok, args.out)  # every rank (FSDP2 gathers the shards); rank 0 writes
@@ -621,8 +615,7 @@ def main(argv=None):
     write_json(os.path.join(args.out, "meta.json"), {  # meta.json last: the run is finished
         "init": args.init, "loss": args.loss, "system_via": system_via(tok), "rows": len(rows), "steps": total, "seconds": round(time.time() - t0, 1),
         "args": vars(args), "log": log})
-    if os.path.exists(os.path.join(args.out, "checkpoint.pt")):
-        os.remove(os.path.join(args.out, "checkpoint.pt"))
+    drop_checkpoint(args.out)
     print(f"finetune: {args.loss} {total} steps on {len(rows)} {unit} in "
           f"{time.time() - t0:.0f}s → {args.out} | final loss {log[-1]['loss']:.4f}")
 

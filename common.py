@@ -67,6 +67,38 @@ def chat_messages(prompt, degree, hint=None):
     return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
 
 
+_SYSTEM_VIA = {}  # chat template → how it takes a system prompt (system_via)
+
+
+def system_via(tokenizer):
+    """How the tokenizer's chat template takes the DPA system prompt: "system" (a system turn of its own) or "user"
+    (folded into the first user turn: templates without a system role, e.g. Mistral-Instruct v0.1, raise on a
+    system message or drop it). Decided once per template by rendering a probe conversation."""
+    key = tokenizer.chat_template
+    if key not in _SYSTEM_VIA:
+        probe = [{"role": "system", "content": "SYSTEM-PROBE"}, {"role": "user", "content": "hi"}]
+        try:
+            text = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+            _SYSTEM_VIA[key] = "system" if "SYSTEM-PROBE" in text else "user"
+        except Exception as e:  # jinja2 TemplateError (raise_exception), or a template that cannot render at all
+            try:
+                tokenizer.apply_chat_template(probe[1:], tokenize=False, add_generation_prompt=True)
+            except Exception as e2:
+                raise SystemExit(f"error: the chat template of {tokenizer.name_or_path} renders neither a system nor "
+                                 f"a user turn ({type(e2).__name__}: {e2})") from None
+            _SYSTEM_VIA[key] = "user"
+    return _SYSTEM_VIA[key]
+
+
+def render_chat(tokenizer, messages, add_generation_prompt=True):
+    """The model's own chat template on messages; a leading system message goes where system_via says: its own
+    turn, or in front of the first user turn ("system\n\nuser", the folding Mistral's templates use)."""
+    if messages and messages[0]["role"] == "system" and system_via(tokenizer) == "user":
+        system, first, *rest = messages
+        messages = [dict(first, content=f"{system['content']}\n\n{first['content']}"), *rest]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
 # ----------------------------------------------------------------------------- rewards
 def directional_reward(rewards, v, names=ATTRIBUTES):
     """R = vᵀ (r_helpfulness, r_verbosity)   (DPA §3: the scalarised multi-objective reward).
@@ -100,6 +132,13 @@ def rm_text(tokenizer, prompt, response, template="chat"):
         return DPA_RM_TEMPLATE.format(prompt=prompt, response=response)
     msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
     return tokenizer.apply_chat_template(msgs, tokenize=False).rstrip("\n")
+
+
+def rm_encode(tokenizer, texts, template="chat", **kw):
+    """Token ids of rm_text(...) texts. A chat template writes its own special tokens (BOS) into the text; the DPA
+    template is a plain string, tokenized as the released RM's model card does, with the tokenizer's own special
+    tokens (a Mistral tokenizer's BOS <s>)."""
+    return tokenizer(texts, add_special_tokens=template == "dpa", **kw)
 
 
 

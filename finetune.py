@@ -52,12 +52,14 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, best_of_n, chat_messages, degree_to_vector, directional_reward
+from common import (ATTRIBUTES, HELPFULNESS, VERBOSITY, best_of_n, chat_messages, degree_to_vector,
+                    directional_reward, render_chat, system_via)
+from runtime import lora
 from runtime.dist import all_gather, all_mean, dist_setup, grad_sync, is_main, parallelize, save_model
 from runtime.io import (DataError, check_fields, check_finite, check_output_dir, check_unique, cli, file_digest,
                         parse_degrees, read_jsonl, write_json, write_jsonl)
 from runtime.models import CACHE_DIR, DEFAULT_MODEL, get_lr, resolve_model, setup
-from runtime.resume import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from runtime.resume import drop_checkpoint, load_checkpoint, load_training, rng_state, save_training, set_rng_state
 from tools.pref_data import DEFAULT_EMBEDDER, embed_prompts, prompt_text, read_prefs
 from tools.stats import spearman
 
@@ -202,7 +204,7 @@ def encode(tok, prompt, degree, response, truncated, max_len):
     """(input ids, number of prompt tokens): system(θ) + user prompt + response [+ end-of-turn if it ended].
     The loss later covers positions ≥ the prompt length only (pad == eos here, so masking by pad id would also hide
     the end-of-turn token and the model would never learn to stop)."""
-    text = tok.apply_chat_template(prompt_messages(prompt, degree), tokenize=False, add_generation_prompt=True)
+    text = render_chat(tok, prompt_messages(prompt, degree))  # the system prompt as the template takes it
     p_ids = tok(text, add_special_tokens=False)["input_ids"]
     r_ids = tok(response, add_special_tokens=False)["input_ids"] + ([] if truncated else [tok.eos_token_id])
     if len(p_ids) >= max_len:
@@ -450,6 +452,7 @@ def build_parser():
                    help="folder for the cached prompt embeddings (one file per dataset and embedder)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP2 instead of DDP")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (pays on GPU)")
+    lora.add_flags(p)  # --lora R, --lora-alpha, --lora-dropout, --lora-targets, --grad-checkpointing
     # Optimization
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=8,
@@ -509,9 +512,6 @@ def micro_batch_loss(args, forward, idx, ridx, ref, omega, paired, stats):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.fsdp and (args.save_every or args.resume):
-        raise SystemExit("error: --save-every/--resume do not work with --fsdp (the optimizer state is sharded over "
-                         "the ranks); checkpoint under DDP, or train without checkpoints")
 
     rank, world, device = dist_setup(args.device)  # torchrun: one process per device; else (0, 1, device)
     device, dtype, autocast = setup(args.seed, device, args.dtype)
@@ -535,6 +535,7 @@ def main(argv=None):
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,  # fp32 master weights
                                                  trust_remote_code=args.trust_remote_code).to(device)
+    merge_adapters = lora.prepare(model, args)  # --lora / --grad-checkpointing (no-op without them)
     for m in [model.model.embed_tokens, *model.model.layers[:args.freeze_layers]]:
         m.requires_grad_(False)
     fwd = parallelize(model, token_logps, args.fsdp, args.compile, dtype)  # DDP/FSDP2 under torchrun, else plain
@@ -575,8 +576,7 @@ def main(argv=None):
           + (f" | {n_cut} sequences cut at --max-len {args.max_len}" if n_cut else ""))
     t0, log, start = time.time(), [], 0
     if state:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
+        load_training(state, args.out, model, opt)  # FSDP2: each rank its own shards
         start, log = state["step"], state["log"]
         set_rng_state(state["rng"])
         print(f"finetune: resumed from {ckpt} at step {start}")
@@ -603,21 +603,19 @@ def main(argv=None):
         print(f"step {step + 1}/{total} | loss {stats['loss']:.4f}{extra} | lr {lr:.1e} | {stats['seconds']:.1f}s",
               flush=True)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
-            refs = all_gather([r.cpu() for r in ref])  # DDP: the ranks' models and optimizers are equal, rank 0 writes
-            if is_main():
-                save_checkpoint(os.path.join(args.out, "checkpoint.pt"),
-                                {"fingerprint": job, "step": step + 1, "log": log, "model": model.state_dict(),
-                                 "opt": opt.state_dict(), "ref": refs, "rng": rng_state()})
+            refs = all_gather([r.cpu() for r in ref])  # every rank's reference log-probs
+            save_training(args.out, model, opt,  # DDP: rank 0 writes; FSDP2: every rank its shards
+                          {"fingerprint": job, "step": step + 1, "log": log, "ref": refs, "rng": rng_state()})
 
+    model = merge_adapters()  # --lora: the adapters merged into the weights
     save_model(model, tok, args.out)  # every rank (FSDP2 gathers the shards); rank 0 writes
     if not is_main():
         return
     write_jsonl(os.path.join(args.out, "train_rows.jsonl"), rows)
     write_json(os.path.join(args.out, "meta.json"), {  # meta.json last: the run is finished
-        "init": args.init, "loss": args.loss, "rows": len(rows), "steps": total, "seconds": round(time.time() - t0, 1),
+        "init": args.init, "loss": args.loss, "system_via": system_via(tok), "rows": len(rows), "steps": total, "seconds": round(time.time() - t0, 1),
         "args": vars(args), "log": log})
-    if os.path.exists(os.path.join(args.out, "checkpoint.pt")):
-        os.remove(os.path.join(args.out, "checkpoint.pt"))
+    drop_checkpoint(args.out)
     print(f"finetune: {args.loss} {total} steps on {len(rows)} {unit} in "
           f"{time.time() - t0:.0f}s → {args.out} | final loss {log[-1]['loss']:.4f}")
 

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import SCHEMA_VERSION, chat_messages, degree_to_vector, vector_to_weights
+from common import SCHEMA_VERSION, chat_messages, degree_to_vector, render_chat, system_via, vector_to_weights
 from runtime.dist import all_sum, collect_parts, dist_setup, drop_logs, is_main, part_path, shard, shard_spec
 from runtime.io import (DataError, check_fields, check_output, check_unique, cli, file_digest, parse_degrees,
                         read_jsonl, write_jsonl)
@@ -103,8 +103,7 @@ def check_context(tok, model, jobs, line_of, args):
         if key in seen:
             continue
         seen.add(key)
-        text = tok.apply_chat_template(chat_messages(j["prompt"], j["degree"], HINTS[j["hint"]]), tokenize=False,
-                                       add_generation_prompt=True)
+        text = render_chat(tok, chat_messages(j["prompt"], j["degree"], HINTS[j["hint"]]))
         n = len(tok(text, add_special_tokens=False)["input_ids"])
         if n + args.max_new_tokens > ctx:
             raise DataError(f"{args.prompts}:{line_of[j['prompt_id']]}: field 'prompt' takes {n} tokens with its "
@@ -114,8 +113,7 @@ def check_context(tok, model, jobs, line_of, args):
 
 def generate_batch(model, tok, jobs, args, device):
     """Left-padded batched sampling; returns (response text, new-token count, truncated) per job."""
-    texts = [tok.apply_chat_template(chat_messages(j["prompt"], j["degree"], HINTS[j["hint"]]),
-                                     tokenize=False, add_generation_prompt=True) for j in jobs]
+    texts = [render_chat(tok, chat_messages(j["prompt"], j["degree"], HINTS[j["hint"]])) for j in jobs]
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False,  # static cache: few distinct shapes
               pad_to_multiple_of=64 if args.static_cache else None).to(device)
     out = model.generate(**enc, do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
@@ -228,7 +226,7 @@ def main(argv=None):
             rec = {"id": j["id"], "prompt_id": j["prompt_id"], "prompt": j["prompt"], "degree": j["degree"],
                    "weights": list(vector_to_weights(degree_to_vector(j["degree"]))), "hint": j["hint"],
                    "response": text, "n_tokens": n, "truncated": trunc, "model": args.model, "seed": args.seed,
-                   "gen": gen, "schema_version": SCHEMA_VERSION}
+                   "gen": gen, "system_via": system_via(tok), "schema_version": SCHEMA_VERSION}
             done[rec["id"]] = rec
             new.append(rec)
             n_tok += n

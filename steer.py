@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import (best_of_n, chat_messages, degree_to_vector, directional_reward, system_prompt, vector_to_degree,
-                    weights_to_vector)
+from common import (best_of_n, chat_messages, degree_to_vector, directional_reward, render_chat, system_prompt,
+                    vector_to_degree, weights_to_vector)
 from runtime.io import cli
 from runtime.models import DEFAULT_MODEL, resolve_model, setup
 from tools.reward_models import load_rm
@@ -84,7 +84,7 @@ def main(argv=None):
         print(f"[system] {system_prompt(degree)}\n")
 
     for prompt in prompts:
-        text = tok.apply_chat_template(chat_messages(prompt, degree), tokenize=False, add_generation_prompt=True)
+        text = render_chat(tok, chat_messages(prompt, degree))
         enc = tok([text] * args.best_of_n, return_tensors="pt", add_special_tokens=False).to(device)
         with torch.no_grad():
             out = model.generate(**enc, do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,

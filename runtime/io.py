@@ -6,7 +6,7 @@ import json
 import math
 import os
 
-from common import SCHEMA_VERSION, degree_to_vector, rm_text
+from common import SCHEMA_VERSION, degree_to_vector, rm_encode, rm_text
 
 
 # ----------------------------------------------------------------------------- JSONL
@@ -113,9 +113,9 @@ def check_rm_lengths(tok, prompts, responses, where, template, max_len):
     """RM inputs (common.rm_text) longer than max_len are cut (→ their count); a prompt that alone fills max_len
     leaves no answer to rate: a DataError naming where[k] ('file:line')."""
     texts = [rm_text(tok, p, r, template) for p, r in zip(prompts, responses)]
-    n_ids = [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]]
+    n_ids = [len(x) for x in rm_encode(tok, texts, template)["input_ids"]]
     for k in (k for k, n in enumerate(n_ids) if n > max_len):
-        n_prompt = len(tok(rm_text(tok, prompts[k], "", template), add_special_tokens=False)["input_ids"])
+        n_prompt = len(rm_encode(tok, rm_text(tok, prompts[k], "", template), template)["input_ids"])
         if n_prompt >= max_len:
             raise DataError(f"{where[k]}: field 'prompt' takes {n_prompt} tokens of the RM input; --max-len "
                             f"{max_len} leaves no room for the response")

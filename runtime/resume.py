@@ -104,3 +104,58 @@ def load_checkpoint(path, fingerprint):
     return state
 
 
+def _sharded(model):
+    from torch.distributed.tensor import DTensor
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def save_training(out, model, opt, state):
+    """OUT/checkpoint.pt of a training run: state (fingerprint, step, log, rng, ...) plus the model and optimizer.
+    Every rank calls it. A model held whole by every rank (one process, DDP): rank 0 writes it all into
+    checkpoint.pt. FSDP2 (sharded parameters): every rank writes its own shards with torch.distributed.checkpoint
+    into OUT/checkpoint-stepN.dcp/, then rank 0 writes checkpoint.pt naming that folder and deletes the older one,
+    so a crash at any moment leaves one complete checkpoint."""
+    import shutil
+
+    from runtime.dist import barrier, is_main
+    if _sharded(model):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        name = f"checkpoint-step{state['step']}.dcp"
+        model_state, opt_state = get_state_dict(model, opt)
+        dcp.save({"model": model_state, "opt": opt_state}, checkpoint_id=os.path.join(out, name))
+        barrier()  # every rank's shards are on disk before checkpoint.pt points at them
+        state = dict(state, dcp=name)
+    else:
+        state = dict(state, model=model.state_dict(), opt=opt.state_dict())
+    if is_main():
+        save_checkpoint(os.path.join(out, "checkpoint.pt"), state)
+        for old in os.listdir(out):
+            if old.startswith("checkpoint-step") and old != state.get("dcp"):
+                shutil.rmtree(os.path.join(out, old))
+    barrier()
+
+
+def load_training(state, out, model, opt):
+    """Model and optimizer back from a save_training checkpoint (state: load_checkpoint's); FSDP2 ranks each read
+    their own shards (the same number of ranks: the fingerprint holds the world size)."""
+    if "dcp" not in state:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        return
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_state, opt_state = get_state_dict(model, opt)  # the sharded layout to read into
+    loaded = {"model": model_state, "opt": opt_state}
+    dcp.load(loaded, checkpoint_id=os.path.join(out, state["dcp"]))
+    set_state_dict(model, opt, model_state_dict=loaded["model"], optim_state_dict=loaded["opt"])
+
+
+def drop_checkpoint(out):
+    """A finished run: its checkpoint (checkpoint.pt and any FSDP2 shard folder) goes."""
+    import shutil
+    for name in os.listdir(out):
+        if name == "checkpoint.pt":
+            os.remove(os.path.join(out, name))
+        elif name.startswith("checkpoint-step"):
+            shutil.rmtree(os.path.join(out, name))

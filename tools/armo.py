@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
-from common import ATTRIBUTES, DPA_RM_TEMPLATE, VERBOSITY, rm_text
+from common import ATTRIBUTES, DPA_RM_TEMPLATE, VERBOSITY, rm_encode, rm_text
 from runtime.io import atomic_write, write_json
 from runtime.models import get_lr
 from runtime.resume import model_stamp
@@ -64,7 +64,7 @@ def encode_items(tok, items, template, max_len):
     out = []
     for prompt, response in items:
         full = rm_text(tok, prompt, response, template)
-        enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+        enc = rm_encode(tok, full, template, return_offsets_mapping=True)
         try:
             end = user_turn_end(full, rm_prompt_text(tok, prompt, template), enc["offset_mapping"])
         except ValueError as e:

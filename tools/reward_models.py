@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, reward_forward, rm_text
+from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, reward_forward, rm_encode, rm_text
 from runtime.dist import is_main, shard
 from runtime.io import DataError
 from runtime.models import resolve_model
@@ -85,12 +85,14 @@ def run_batches(n, keys, batch_size, compute, done=None, on_batch=None, part=(0,
 
 
 @torch.no_grad()
-def score_texts(forward, tok, texts, batch_size, max_len, device, done=None, on_batch=None, part=(0, 1)):
+def score_texts(forward, tok, texts, batch_size, max_len, device, done=None, on_batch=None, part=(0, 1),
+                template="chat"):
     """Run forward(input_ids, attention_mask) → {name: (B, ...) tensor} over RM input texts in length-sorted,
-    right-padded batches. → {name: [value per text]} in input order. done / on_batch: resume hooks (run_batches)."""
+    right-padded batches (tokenized by common.rm_encode for `template`). → {name: [value per text]} in input order.
+    done / on_batch: resume hooks (run_batches)."""
     def compute(idx):
-        enc = tok([texts[j] for j in idx], return_tensors="pt", padding=True, truncation=True, max_length=max_len,
-                  add_special_tokens=False).to(device)
+        enc = rm_encode(tok, [texts[j] for j in idx], template, return_tensors="pt", padding=True, truncation=True,
+                        max_length=max_len).to(device)
         return {name: v.float().tolist() for name, v in forward(enc["input_ids"], enc["attention_mask"]).items()}
     return run_batches(len(texts), [len(t) for t in texts], batch_size, compute, done, on_batch, part)
 
@@ -169,6 +171,6 @@ def load_hf_scorer(rm, device, dtype, template, trust_remote_code, reward_scale,
 
     def scorer(prompts, responses, where, done=None, on_batch=None, part=(0, 1)):
         texts = [rm_text(tok, p, r, template) for p, r in zip(prompts, responses)]
-        return score_texts(forward, tok, texts, batch_size, max_len, device, done, on_batch, part)
+        return score_texts(forward, tok, texts, batch_size, max_len, device, done, on_batch, part, template)
     kind = "own-code" if own_code else ("released-dpa" if released_dpa else "regression")
     return kind, names, template, scorer, tok, path

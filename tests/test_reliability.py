@@ -110,6 +110,8 @@ def make_rm(folder, tok, make_tiny_config, labels=ATTRIBUTES, nan=False):
             model.score.weight[0, 0] = float("nan")
     model.save_pretrained(str(folder))
     tok.save_pretrained(str(folder))
+    (Path(folder) / "meta.json").write_text(json.dumps({"method": "regression", "attributes": list(labels),
+                                                        "template": "chat"}))  # train_rm.py's finished mark
     return str(folder)
 
 

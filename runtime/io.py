@@ -167,8 +167,9 @@ def check_unique(path, lines, records, field="id"):
         if field in rec:
             key = str(rec[field])
             if key in seen:
-                raise DataError(f"{path}:{line}: duplicate {field} {rec[field]!r} (first on line {seen[key][0]}: "
-                                f"{seen[key][1]!r}; ids are compared as text)")
+                same = seen[key][1] == rec[field] and type(seen[key][1]) is type(rec[field])
+                raise DataError(f"{path}:{line}: duplicate {field} {rec[field]!r} (first on line {seen[key][0]}"
+                                + (")" if same else f": {seen[key][1]!r}; ids are compared as text)"))
             seen[key] = (line, rec[field])
 
 

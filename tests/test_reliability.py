@@ -87,7 +87,7 @@ def good_scored():
 
 def rm_rows(n=8):
     return [{"prompt_id": f"q{i // 2}", "prompt": f"Question {i // 2}?", "response": "word " * (i + 1),
-             "labels": {HELPFULNESS: 10.0 * i, VERBOSITY: 100 - 10.0 * i}} for i in range(n)]
+             "labels": {HELPFULNESS: 10.0 * i % 100, VERBOSITY: 100 - 10.0 * i % 100}} for i in range(n)]
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,9 @@
 
 r(x, y) ∈ R^K on a 0-100 scale. --rm takes any of these formats, told apart by the folder's files:
 - regression RM (train_rm.py --method regression), or any AutoModelForSequenceClassification folder: a bias-free
-  head on the last real token (common.reward_forward). A folder with 10 outputs and no meta.json is read as the
-  released DPA RM (RLHFlow/RewardModel-Mistral-7B-for-DPA-v1): common.ATTRIBUTES order, plain-string [INST] template.
+  head on the last real token (common.reward_forward). A folder with 10 unnamed outputs and no meta.json is read as
+  the released DPA RM (RLHFlow/RewardModel-Mistral-7B-for-DPA-v1): common.ATTRIBUTES order, plain-string [INST]
+  template; one with train_rm.py's output names but no meta.json (an unfinished run) is refused unless --template.
 - probe or gated RM (train_rm.py --method probe|gate; meta.json + armo.safetensors): the frozen backbone named in
   meta.json gives the last-token feature (→ rewards) and the end-of-user-turn feature (→ gating weights, score).
 - a model with its own code (config auto_map; runs only with --trust-remote-code): ArmoRM-style models return

@@ -336,8 +336,9 @@ def claim_output(path):
     _held[lock] = f
 
     def release():
-        if _held.pop(lock, None) is None:
+        if _held.get(lock) is not f:  # released already (this is the atexit copy)
             return
+        del _held[lock]
         if os.path.exists(lock) and os.path.samefile(lock, f.fileno()):
             os.remove(lock)
         f.close()

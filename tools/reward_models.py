@@ -149,8 +149,8 @@ def load_hf_scorer(rm, device, dtype, template, trust_remote_code, reward_scale,
     named = [config.id2label.get(i) for i in range(k)] == ATTRIBUTES  # train_rm.py names its outputs
     if not meta and not own_code and named and template == "auto":  # a train_rm.py folder that lost its finished mark
         raise SystemExit(f"error: {rm} looks like a train_rm.py folder but has no meta.json (an unfinished run, or "
-                         f"the file was deleted), so its input template is unknown; re-run train_rm.py, or (score.py) pass "
-                         f"--template chat|dpa if you know it")
+                         f"the file was deleted), so its input template is unknown; re-run train_rm.py, or "
+                         f"(score.py) pass --template chat|dpa if you know it")
     released_dpa = not meta and not own_code and names == ATTRIBUTES and not named  # the released DPA RM layout
     template = template if template != "auto" else meta.get("template", "dpa" if released_dpa else "chat")
 

@@ -136,7 +136,7 @@ done
 
 # --- 5. the per-angle table for every round, Spearman(θ, verbosity), and the Pareto-front PNG
 stamp evaluate
-$PY evaluate.py $EVALS --rerank "$BO=$OUT/eval-bo6.jsonl" --degrees="$EVAL_DEGREES" --out "$OUT/eval"
+$PY evaluate.py $EVALS --rerank "$BO=$OUT/eval-bo6.jsonl" --degrees="$EVAL_DEGREES" --out "$OUT/eval" --overwrite
 
 # --- 6. steering the final policy: the same question at both ends of the range
 stamp steer

@@ -28,11 +28,11 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import SCHEMA_VERSION, chat_messages, degree_to_vector, render_chat, system_via, vector_to_weights
+from common import SCHEMA_VERSION, chat_messages, chat_text, degree_to_vector, system_via, vector_to_weights
 from runtime.dist import all_sum, collect_parts, dist_setup, drop_logs, is_main, part_path, shard, shard_spec
-from runtime.io import (DataError, check_fields, check_output, check_unique, cli, file_digest, parse_degrees,
-                        read_jsonl, write_jsonl)
-from runtime.models import DEFAULT_MODEL, resolve_model, setup
+from runtime.io import (DataError, check_fields, check_flags, check_output, check_unique, claim_output, cli,
+                        degree_id, file_digest, parse_degrees, read_jsonl, stage_main, write_jsonl)
+from runtime.models import DEFAULT_MODEL, load_pretrained, resolve_model, setup
 from runtime.resume import model_stamp, open_partial
 
 HINTS = {"plain": None,
@@ -88,7 +88,8 @@ def make_jobs(prompts, n, hints, degrees, degree_range, seed):
             for hint in hints:
                 for k in range(n):
                     jobs.append({"prompt_id": rec["id"], "prompt": rec["prompt"], "degree": deg, "hint": hint,
-                                 "id": f"{rec['id']}/{deg:g}/{hint}/{k}"})
+                                 "id": f"{rec['id']}/{degree_id(deg)}/{hint}/{k}"})
+    check_unique("sample ids", range(1, len(jobs) + 1), jobs)  # unique by construction; a collision is an error
     return jobs
 
 
@@ -103,7 +104,7 @@ def check_context(tok, model, jobs, line_of, args):
         if key in seen:
             continue
         seen.add(key)
-        text = render_chat(tok, chat_messages(j["prompt"], j["degree"], HINTS[j["hint"]]))
+        text = chat_text(tok, chat_messages(j["prompt"], j["degree"], HINTS[j["hint"]]))
         n = len(tok(text, add_special_tokens=False)["input_ids"])
         if n + args.max_new_tokens > ctx:
             raise DataError(f"{args.prompts}:{line_of[j['prompt_id']]}: field 'prompt' takes {n} tokens with its "
@@ -113,7 +114,7 @@ def check_context(tok, model, jobs, line_of, args):
 
 def generate_batch(model, tok, jobs, args, device):
     """Left-padded batched sampling; returns (response text, new-token count, truncated) per job."""
-    texts = [render_chat(tok, chat_messages(j["prompt"], j["degree"], HINTS[j["hint"]])) for j in jobs]
+    texts = [chat_text(tok, chat_messages(j["prompt"], j["degree"], HINTS[j["hint"]])) for j in jobs]
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False,  # static cache: few distinct shapes
               pad_to_multiple_of=64 if args.static_cache else None).to(device)
     out = model.generate(**enc, do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
@@ -134,10 +135,10 @@ def read_inputs(args):
     for h in hints:
         if h not in HINTS:
             raise SystemExit(f"error: unknown hint {h!r}; choose from {list(HINTS)}")
+    if len(set(hints)) < len(hints):
+        raise SystemExit(f"error: --hints {args.hints!r}: a hint is listed twice")
     degrees = parse_degrees(args.degrees, "--degrees") if args.degrees else []
-    parse_degrees(",".join(map(str, args.degree_range)), "--degree-range")
-    if args.n < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
-        raise SystemExit("error: --n, --batch-size and --max-new-tokens must be at least 1")
+    parse_degrees(",".join(map(str, args.degree_range)), "--degree-range", unique=False)
     lines, prompts = read_jsonl(args.prompts, required=("id", "prompt"), with_lines=True)
     for i, rec in zip(lines, prompts):
         check_fields(args.prompts, i, rec, id="id", prompt="text")
@@ -149,6 +150,7 @@ def read_inputs(args):
     return hints, degrees, lines, prompts
 
 
+@stage_main
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Data
@@ -180,6 +182,8 @@ def main(argv=None):
     p.add_argument("--shard", default="", help="i/N: draw only part i of N (one job of a job array) → OUT.part-i-of-N")
     p.add_argument("--merge", type=int, default=0, help="N: join the N parts (made with the same flags) into OUT")
     args = p.parse_args(argv)
+    check_flags(args, limit="count0", n="count", batch_size="count", max_new_tokens="count", temperature="pos",
+                top_p="prob", seed="seed")
 
     _, _, device = dist_setup(args.device)  # torchrun: one process per device; else (0, 1, device)
     device, dtype, _ = setup(args.seed, device, args.dtype)
@@ -189,6 +193,7 @@ def main(argv=None):
     partial = (part_path(args.out, *part[:2]) if part[2] in ("job", "torchrun") else args.out) + ".partial"
     check_output(mine_out, args.overwrite, [args.prompts])
     check_output(partial, True, [args.prompts])
+    claim_output(mine_out if is_main() else partial)  # one writer per output; leftovers of killed runs go
     hints, degrees, lines, prompts = read_inputs(args)
 
     jobs = make_jobs(prompts, args.n, hints, degrees, tuple(args.degree_range), args.seed)
@@ -199,10 +204,10 @@ def main(argv=None):
     gen = {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}
     done, resumed, t0, n_tok, n_new = {}, 0, time.time(), 0, 0
     path = resolve_model(args.model, args.trust_remote_code)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    tok = load_pretrained(AutoTokenizer, path, trust_remote_code=args.trust_remote_code)
     if part[2] != "merge":  # a merge only joins the parts: no model
         tok.padding_side = "left"  # batched generation continues every row from its last real token
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=args.trust_remote_code)
+        model = load_pretrained(AutoModelForCausalLM, path, dtype=dtype, trust_remote_code=args.trust_remote_code)
         model = model.to(device).eval()
         check_context(tok, model, jobs, dict(zip((r["id"] for r in prompts), lines)), args)
         job = {"prompts": file_digest(args.prompts), "limit": args.limit, "degrees": degrees, "hints": hints,

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import (best_of_n, chat_messages, degree_to_vector, directional_reward, render_chat, system_prompt,
+from common import (best_of_n, chat_messages, chat_text, degree_to_vector, directional_reward, system_prompt,
                     vector_to_degree, weights_to_vector)
-from runtime.io import cli
-from runtime.models import DEFAULT_MODEL, resolve_model, setup
+from runtime.io import check_flags, cli, stage_main
+from runtime.models import DEFAULT_MODEL, load_pretrained, resolve_model, setup
 from tools.reward_models import load_rm
 
 
@@ -40,6 +40,7 @@ def read_prompts(path):
     return prompts
 
 
+@stage_main
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Data
@@ -61,6 +62,8 @@ def main(argv=None):
     # Output
     p.add_argument("--verbose", action="store_true", help="print the rendered system prompt and all candidates")
     args = p.parse_args(argv)
+    check_flags(args, best_of_n="count", temperature="pos", top_p="prob", max_new_tokens="count", seed="seed",
+                degree="finite", weights="finite")
 
     try:
         v = weights_to_vector(*args.weights) if args.weights else degree_to_vector(args.degree)
@@ -76,15 +79,15 @@ def main(argv=None):
     device, dtype, _ = setup(args.seed, args.device)
     trust = args.trust_remote_code
     path = resolve_model(args.model, trust)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+    tok = load_pretrained(AutoTokenizer, path, trust_remote_code=trust)
     tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust).to(device).eval()
+    model = load_pretrained(AutoModelForCausalLM, path, dtype=dtype, trust_remote_code=trust).to(device).eval()
     rm = load_rm(args.rm, device, dtype, trust_remote_code=trust) if args.rm else None  # score.py's loader
     if args.verbose:
         print(f"[system] {system_prompt(degree)}\n")
 
     for prompt in prompts:
-        text = render_chat(tok, chat_messages(prompt, degree))
+        text = chat_text(tok, chat_messages(prompt, degree))
         enc = tok([text] * args.best_of_n, return_tensors="pt", add_special_tokens=False).to(device)
         with torch.no_grad():
             out = model.generate(**enc, do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,

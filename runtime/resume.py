@@ -1,6 +1,7 @@
 """Resumable work: the append-only logs of sample.py/score.py (OUT.partial), RNG states and atomic training
 checkpoints, each tied to a fingerprint of the job that made it."""
 import json
+import math
 import os
 import random
 
@@ -94,9 +95,32 @@ def save_checkpoint(path, state):
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+def check_finite_loss(loss, step, flags):
+    """Stop a training run at the first non-finite loss (NaN/inf: a learning rate or β out of range, overflow) with one
+    line, before the optimizer applies it; nothing is saved."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise SystemExit(f"error: step {step}: the loss is {value} (not finite); nothing was saved. Check {flags}, or "
+                         f"try --dtype float32")
+
+
+def check_finite_weights(model, flags):
+    """Refuse to save a model with a NaN/inf weight (e.g. a huge learning rate): one line naming the first tensor."""
+    for name, p in model.named_parameters():
+        t = p.detach().to_local() if hasattr(p, "to_local") else p.detach()  # FSDP2: this rank's shard
+        if not torch.isfinite(t).all():
+            raise SystemExit(f"error: the trained weights are not finite ({name}); nothing was saved. Check {flags}")
+
+
 def load_checkpoint(path, fingerprint):
     """A checkpoint of save_checkpoint, if it was made by the same job (same data and flags); else exit."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 — a truncated or corrupt file (checkpoints are renamed into place whole)
+        raise SystemExit(f"error: {path} cannot be read ({type(e).__name__}: {str(e)[:120]}); delete it, or pass "
+                         f"--overwrite without --resume to start over") from None
+    if not isinstance(state, dict) or "fingerprint" not in state:
+        raise SystemExit(f"error: {path} is not a checkpoint of this code; pass --overwrite without --resume")
     old, new = state.get("fingerprint", {}), _plain(fingerprint)
     if old != new:
         raise SystemExit(f"error: {path} was made by a different job (differs in: {_differ(old, new)}); pass "

@@ -31,10 +31,12 @@ EVAL_DEGREES=-45,-30,-15,0,15,30,45
 STEER_DEGREES="-45 -15 15 45"
 if [[ "${SMOKE:-0}" == 1 ]]; then
   OUT=${OUT%/demo}/smoke; N_TRAIN=6; N_EVAL=3; N_SAMPLES=1; MAX_NEW=24; RM_STEPS=3; SFT_STEPS=2; DPO_STEPS=2
+  RM_ROWS=120; RM_BATCH=4   # the RM's first 120 ratings, batches of 4: the plumbing, not a usable RM
   EVAL_DEGREES=-45,0,45; STEER_DEGREES="-45 45"
 else
   N_TRAIN=${N_TRAIN:-100}; N_EVAL=${N_EVAL:-24}; N_SAMPLES=${N_SAMPLES:-1}; MAX_NEW=${MAX_NEW:-160}
   RM_STEPS=${RM_STEPS:-0}; SFT_STEPS=${SFT_STEPS:-0}; DPO_STEPS=${DPO_STEPS:-0}   # 0 = the epochs below
+  RM_ROWS=0; RM_BATCH=16
 fi
 mkdir -p "$OUT"
 # a rerun resumes from what OUT holds, so one OUT serves one configuration: never mix policies of two
@@ -53,7 +55,7 @@ $PY -m tools.prepare
 # --- 1. multi-objective reward model on the demo ratings (data/rm_train.jsonl, labelled by judge.py)
 stamp train_rm
 [[ -f "$OUT/rm/meta.json" ]] || $PY train_rm.py --data data/rm_train.jsonl --backbone "$MODEL" --out "$OUT/rm" \
-  --freeze-layers 16 --lr 1e-4 --epochs 1 --batch-size 16 --max-steps "$RM_STEPS" --seed "$SEED" \
+  --freeze-layers 16 --lr 1e-4 --epochs 1 --batch-size "$RM_BATCH" --limit "$RM_ROWS" --max-steps "$RM_STEPS" --seed "$SEED" \
   --save-every "$CKPT_EVERY" --resume
 
 # evaluation of one policy: held-out prompts × every angle, scored by the RM and by the judge (ground truth)

@@ -54,7 +54,10 @@ class VLLMPolicy:
     def generate(self, prompt_ids, gen, seed, eos_token_id):
         rng = random.Random(seed)  # one seed per request, drawn from the batch's seed
         params = [self.SamplingParams(temperature=gen.temperature, top_p=gen.top_p, max_tokens=gen.max_new_tokens,
-                                      stop_token_ids=[eos_token_id], seed=rng.randrange(2 ** 31), detokenize=False)
+                                      seed=rng.randrange(2 ** 31), detokenize=False,
+                                      # stop at the tokenizer's end token only, as HF does (not also at other ids
+                                      # listed as eos in generation_config.json)
+                                      ignore_eos=True, stop_token_ids=[eos_token_id])
                   for _ in prompt_ids]
         outs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
         rows = []

@@ -112,7 +112,8 @@ def test_vllm_shards_merge_into_the_unsharded_run(run_sample):
 def test_steer_with_vllm_as_a_command(repo_root, smollm2_dir):
     """The real entry point: the engine core runs in a process of its own (spawned: needs the __main__ guard)."""
     out = subprocess.run([sys.executable, "steer.py", "--engine", "vllm", "--model", str(smollm2_dir), "--degree",
-                          "-15", "--max-new-tokens", "8", "How do I boil an egg?"], cwd=repo_root, capture_output=True, text=True, timeout=900,
+                          "-15", "--max-new-tokens", "8", "How do I boil an egg?"], cwd=repo_root,
+                         capture_output=True, text=True, timeout=900,
                          env={**os.environ, **VLLM_ENV, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "[assistant θ=-15°]" in out.stdout

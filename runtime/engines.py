@@ -45,8 +45,8 @@ class VLLMPolicy:
         self.SamplingParams = vllm.SamplingParams
         self.config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         self.device = "vllm"
-        # generation_config="vllm": no defaults (sampling settings, extra stop tokens) from the model's
-        # generation_config.json, so vLLM samples with exactly the settings HF gets
+        # generation_config="vllm": no sampling defaults from the model's generation_config.json, so vLLM samples
+        # with exactly the settings HF gets
         self.llm = vllm.LLM(model=path, tokenizer=path, dtype=str(dtype).removeprefix("torch."), seed=seed,
                             tensor_parallel_size=tensor_parallel_size, trust_remote_code=trust_remote_code,
                             generation_config="vllm")

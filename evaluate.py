@@ -19,7 +19,8 @@ from collections import defaultdict
 import numpy as np
 
 from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, best_of_n, degree_to_vector
-from runtime.io import check_fields, check_finite, cli, parse_degrees, read_jsonl, write_jsonl
+from runtime.io import (DataError, atomic_write, check_fields, check_finite, check_output, cli, parse_degrees,
+                        read_jsonl, stage_main, write_jsonl)
 from tools.stats import spearman
 
 
@@ -124,9 +125,10 @@ def plot(rows, path):
     ax.set_title("Directional control on held-out prompts")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
 
+@stage_main
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("scored", nargs="+", help="NAME=scored.jsonl, one per policy, in round order")
@@ -134,31 +136,41 @@ def main(argv=None):
                    help="also tabulate best-of-n reranking by vᵀr over these candidates (no training)")
     p.add_argument("--degrees", default="-45,-30,-15,0,15,30,45", help="angles for --rerank")
     p.add_argument("--out", required=True, help="output prefix: writes OUT.jsonl, OUT.csv, OUT.png")
+    p.add_argument("--overwrite", action="store_true", help="replace existing OUT.* files")
     args = p.parse_args(argv)
     rows, summaries, base = [], [], None
     specs = [(s, *(s.partition("=")[::2] if "=" in s and not os.path.exists(s) else ("", s)))
              for s in args.scored + args.rerank]
+    rerank_degrees = parse_degrees(args.degrees, "--degrees") if args.rerank else []
     for out in (args.out + ext for ext in (".jsonl", ".csv", ".png", "_summary.jsonl")):
-        if any(os.path.realpath(out) == os.path.realpath(path) for _, _, path in specs):
-            raise SystemExit(f"error: output {out} is also an input; choose another --out")
+        try:
+            check_output(out, args.overwrite, [path for _, _, path in specs])
+        except SystemExit as e:
+            raise SystemExit(f"{e.code}; choose another --out" if "also an input" in str(e.code) else e.code) from None
     for spec, name, path in specs:
         lines, records = read_jsonl(path, required=("degree", "response", "n_tokens", "truncated", "rewards"),
                                     with_lines=True)
+        if not records:
+            raise DataError(f"{path}: no records to evaluate")
         for i, r in zip(lines, records):
-            check_fields(path, i, r, degree="degree", response="str", rewards="object", truncated="bool")
+            check_fields(path, i, r, degree="degree", response="str", rewards="object", truncated="bool",
+                         n_tokens="count")
             for a in (HELPFULNESS, VERBOSITY):
                 check_finite(f"{path}:{i}", f"rewards.{a}", r["rewards"].get(a))
         if spec in args.rerank:
-            records = rerank(records, parse_degrees(args.degrees, "--degrees"))
+            records = rerank(records, rerank_degrees)
         rs = table(name or path, records)
         rows += rs
         summaries.append(summary(rs, base))
         base = base or rs  # the first policy (round 0, the base) is the reference of the others
     write_jsonl(args.out + ".jsonl", rows)
-    with open(args.out + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
-        w.writeheader()
-        w.writerows(rows)
+
+    def write_csv(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
+            w.writeheader()
+            w.writerows(rows)
+    atomic_write(args.out + ".csv", write_csv)
     plot(rows, args.out + ".png")
 
     has_judge = all("judge_help" in r for r in rows)

@@ -52,12 +52,16 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, best_of_n, chat_messages, degree_to_vector, directional_reward
+from common import (ATTRIBUTES, HELPFULNESS, VERBOSITY, best_of_n, chat_messages, chat_text, degree_to_vector,
+                    directional_reward, neutral, system_via)
+from runtime import lora
 from runtime.dist import all_gather, all_mean, dist_setup, grad_sync, is_main, parallelize, save_model
-from runtime.io import (DataError, check_fields, check_finite, check_output_dir, check_unique, cli, file_digest,
-                        parse_degrees, read_jsonl, write_json, write_jsonl)
-from runtime.models import CACHE_DIR, DEFAULT_MODEL, get_lr, resolve_model, setup
-from runtime.resume import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from runtime.io import (DataError, check_fields, check_finite, check_flags, check_output_dir, check_unique, cli,
+                        file_digest, parse_degrees, publish_dir, read_jsonl, stage_main, temp_dir, write_json,
+                        write_jsonl)
+from runtime.models import CACHE_DIR, DEFAULT_MODEL, get_lr, load_pretrained, resolve_model, setup
+from runtime.resume import (check_finite_loss, check_finite_weights, load_checkpoint, load_training, rng_state,
+                            save_training, set_rng_state)
 from tools.pref_data import DEFAULT_EMBEDDER, embed_prompts, prompt_text, read_prefs
 from tools.stats import spearman
 
@@ -202,9 +206,8 @@ def encode(tok, prompt, degree, response, truncated, max_len):
     """(input ids, number of prompt tokens): system(θ) + user prompt + response [+ end-of-turn if it ended].
     The loss later covers positions ≥ the prompt length only (pad == eos here, so masking by pad id would also hide
     the end-of-turn token and the model would never learn to stop)."""
-    text = tok.apply_chat_template(prompt_messages(prompt, degree), tokenize=False, add_generation_prompt=True)
-    p_ids = tok(text, add_special_tokens=False)["input_ids"]
-    r_ids = tok(response, add_special_tokens=False)["input_ids"] + ([] if truncated else [tok.eos_token_id])
+    p_ids = tok(chat_text(tok, prompt_messages(prompt, degree)), add_special_tokens=False)["input_ids"]
+    r_ids = tok(neutral(tok, response), add_special_tokens=False)["input_ids"] + ([] if truncated else [tok.eos_token_id])
     if len(p_ids) >= max_len:
         raise DataError(f"prompt of {len(p_ids)} tokens does not fit --max-len {max_len}: {prompt_text(prompt)[:60]!r}")
     return (p_ids + r_ids)[:max_len], len(p_ids)
@@ -414,8 +417,8 @@ def encode_rows(tok, rows, args, prompt_line):
                 raise DataError(f"{args.scored}:{prompt_line[r['prompt']]}: field 'prompt': {e}") from None
             too_long.append(f"{args.prefs}:{r['line']}: {e}")
             continue
-        n_cut += sum(len(ids) == args.max_len and n + len(tok(a, add_special_tokens=False)["input_ids"]) + (not t)
-                     > args.max_len for (ids, n), (a, t) in zip(enc, answers))
+        n_cut += sum(len(ids) == args.max_len and n + len(tok(neutral(tok, a), add_special_tokens=False)["input_ids"])
+                     + (not t) > args.max_len for (ids, n), (a, t) in zip(enc, answers))
         data.append(enc)
         kept.append(r)
     return data, kept, too_long, n_cut
@@ -450,6 +453,7 @@ def build_parser():
                    help="folder for the cached prompt embeddings (one file per dataset and embedder)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP2 instead of DDP")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (pays on GPU)")
+    lora.add_flags(p)  # --lora R, --lora-alpha, --lora-dropout, --lora-targets, --grad-checkpointing
     # Optimization
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=8,
@@ -507,11 +511,12 @@ def micro_batch_loss(args, forward, idx, ridx, ref, omega, paired, stats):
     return pref + args.nll_coef * nll
 
 
+@stage_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.fsdp and (args.save_every or args.resume):
-        raise SystemExit("error: --save-every/--resume do not work with --fsdp (the optimizer state is sharded over "
-                         "the ranks); checkpoint under DDP, or train without checkpoints")
+    check_flags(args, max_len="count", freeze_layers="count0", epochs="pos", batch_size="count", grad_accum="count",
+                lr="pos", warmup="count0", beta="pos", tau="pos", nll_coef="nonneg", seed="seed", max_steps="count0",
+                save_every="count0")
 
     rank, world, device = dist_setup(args.device)  # torchrun: one process per device; else (0, 1, device)
     device, dtype, autocast = setup(args.seed, device, args.dtype)
@@ -532,9 +537,10 @@ def main(argv=None):
         raise SystemExit(f"error: no training rows selected from {source} (every candidate tied?)")
 
     path = resolve_model(args.init, args.trust_remote_code)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,  # fp32 master weights
-                                                 trust_remote_code=args.trust_remote_code).to(device)
+    tok = load_pretrained(AutoTokenizer, path, trust_remote_code=args.trust_remote_code)
+    model = load_pretrained(AutoModelForCausalLM, path, dtype=torch.float32,  # fp32 master weights
+                            trust_remote_code=args.trust_remote_code).to(device)
+    merge_adapters = lora.prepare(model, args)  # --lora / --grad-checkpointing (no-op without them)
     for m in [model.model.embed_tokens, *model.model.layers[:args.freeze_layers]]:
         m.requires_grad_(False)
     fwd = parallelize(model, token_logps, args.fsdp, args.compile, dtype)  # DDP/FSDP2 under torchrun, else plain
@@ -575,8 +581,7 @@ def main(argv=None):
           + (f" | {n_cut} sequences cut at --max-len {args.max_len}" if n_cut else ""))
     t0, log, start = time.time(), [], 0
     if state:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
+        load_training(state, args.out, model, opt)  # FSDP2: each rank its own shards
         start, log = state["step"], state["log"]
         set_rng_state(state["rng"])
         print(f"finetune: resumed from {ckpt} at step {start}")
@@ -591,6 +596,7 @@ def main(argv=None):
             grad_sync(fwd, micro == (step + 1) * args.grad_accum - 1)  # ranks average gradients once per step
             loss = micro_batch_loss(args, forward, plan[micro], rplan[micro] if rplan else (),
                                     ref[micro] if ref else None, omega[micro] if omega else None, paired, stats)
+            check_finite_loss(loss, step + 1, "--lr, --beta")
             (loss / args.grad_accum).backward()
             stats["loss"] += loss.item() / args.grad_accum
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -603,21 +609,21 @@ def main(argv=None):
         print(f"step {step + 1}/{total} | loss {stats['loss']:.4f}{extra} | lr {lr:.1e} | {stats['seconds']:.1f}s",
               flush=True)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
-            refs = all_gather([r.cpu() for r in ref])  # DDP: the ranks' models and optimizers are equal, rank 0 writes
-            if is_main():
-                save_checkpoint(os.path.join(args.out, "checkpoint.pt"),
-                                {"fingerprint": job, "step": step + 1, "log": log, "model": model.state_dict(),
-                                 "opt": opt.state_dict(), "ref": refs, "rng": rng_state()})
+            refs = all_gather([r.cpu() for r in ref])  # every rank's reference log-probs
+            save_training(args.out, model, opt,  # DDP: rank 0 writes; FSDP2: every rank its shards
+                          {"fingerprint": job, "step": step + 1, "log": log, "ref": refs, "rng": rng_state()})
 
-    save_model(model, tok, args.out)  # every rank (FSDP2 gathers the shards); rank 0 writes
+    model = merge_adapters()  # --lora: the adapters merged into the weights
+    check_finite_weights(model, "--lr")
+    stage = temp_dir(args.out) if is_main() else None  # everything is saved to OUT.tmp.PID, then renamed to OUT
+    save_model(model, tok, stage)  # every rank (FSDP2 gathers the shards); rank 0 writes
     if not is_main():
         return
-    write_jsonl(os.path.join(args.out, "train_rows.jsonl"), rows)
-    write_json(os.path.join(args.out, "meta.json"), {  # meta.json last: the run is finished
-        "init": args.init, "loss": args.loss, "rows": len(rows), "steps": total, "seconds": round(time.time() - t0, 1),
-        "args": vars(args), "log": log})
-    if os.path.exists(os.path.join(args.out, "checkpoint.pt")):
-        os.remove(os.path.join(args.out, "checkpoint.pt"))
+    write_jsonl(os.path.join(stage, "train_rows.jsonl"), rows)
+    write_json(os.path.join(stage, "meta.json"), {  # meta.json last: the run is finished
+        "init": args.init, "loss": args.loss, "system_via": system_via(tok), "rows": len(rows), "steps": total,
+        "seconds": round(time.time() - t0, 1), "args": vars(args), "log": log})
+    publish_dir(stage, args.out)  # replaces OUT (its checkpoint.pt and FSDP2 shard folders too) in one rename
     print(f"finetune: {args.loss} {total} steps on {len(rows)} {unit} in "
           f"{time.time() - t0:.0f}s → {args.out} | final loss {log[-1]['loss']:.4f}")
 

@@ -17,12 +17,12 @@ MODEL=${MODEL:-embedded:SmolLM2-135M-Instruct}   # starting policy and RM backbo
 SEED=${SEED:-0}
 ROUNDS=${ROUNDS:-1}             # DPA iterations t = 1..ROUNDS
 RECIPE=${RECIPE:-explore}       # explore: exploration hints and prefixes + hindsight RSF + neighbour DPO; paper: plain RSF
-DPO_LR=${DPO_LR:-1.5e-5}        # peak learning rate of the mirrored DPO step (cosine decay to 10%)
+DPO_LR=${DPO_LR:-1.5e-5}        # peak learning rate of the DPO/RPO step (cosine decay to 10%)
 CKPT_EVERY=${CKPT_EVERY:-25}    # training checkpoint every N steps (1.4 GB, ≈ 3 s each); a rerun resumes from it
 TARGET_DEGREES=${TARGET_DEGREES:--45,-30,-15,0,15,30,45}   # hindsight RSF targets: the best answer at each angle
-SFT_EPOCHS=${SFT_EPOCHS:-1}
+SFT_EPOCHS=${SFT_EPOCHS:-3}     # 1 epoch teaches the targets' mean, not the angle (README, Recipes)
 PAIRS=${PAIRS:-neighbours}      # DPO/RPO pairs: neighbours (order along θ) | mirrored (±a, the sign of the weight)
-PAIR_DEGREES=${PAIR_DEGREES:--45,0,45}   # neighbours: ascending angles; mirrored: a for pairs at ±a
+PAIR_DEGREES=${PAIR_DEGREES:--45,-15,15,45}   # neighbours: ascending angles; mirrored: a for pairs at ±a
 DPO_EPOCHS=${DPO_EPOCHS:-1}
 PREF=${PREF:-dpo}               # explore recipe, preference step after hindsight RSF: dpo | rpo_paired | rpo_unpaired
                                 # (Relative Preference Optimization, arXiv 2402.10958) | none (RSF only); same flags
@@ -38,7 +38,7 @@ else
 fi
 mkdir -p "$OUT"
 # a rerun resumes from what OUT holds, so one OUT serves one configuration: never mix policies of two
-CONFIG="RECIPE=$RECIPE$([[ "$RECIPE" == paper ]] || echo " PREF=$PREF PAIRS=$PAIRS:$PAIR_DEGREES TARGETS=$TARGET_DEGREES")"
+CONFIG="RECIPE=$RECIPE$([[ "$RECIPE" == paper ]] || echo " PREF=$PREF PAIRS=$PAIRS:$PAIR_DEGREES TARGETS=$TARGET_DEGREES SFT_EPOCHS=$SFT_EPOCHS")"
 if [[ -f "$OUT/config.txt" && "$(cat "$OUT/config.txt")" != "$CONFIG" ]]; then
   echo "error: $OUT holds a run with $(cat "$OUT/config.txt"), not $CONFIG: choose another OUT" >&2; exit 2
 fi
@@ -136,7 +136,7 @@ done
 
 # --- 5. the per-angle table for every round, Spearman(θ, verbosity), and the Pareto-front PNG
 stamp evaluate
-$PY evaluate.py $EVALS --rerank "$BO=$OUT/eval-bo6.jsonl" --degrees="$EVAL_DEGREES" --out "$OUT/eval"
+$PY evaluate.py $EVALS --rerank "$BO=$OUT/eval-bo6.jsonl" --degrees="$EVAL_DEGREES" --out "$OUT/eval" --overwrite
 
 # --- 6. steering the final policy: the same question at both ends of the range
 stamp steer

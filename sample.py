@@ -31,12 +31,12 @@ import time
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from common import SCHEMA_VERSION, chat_messages, degree_to_vector, vector_to_weights
+from common import SCHEMA_VERSION, chat_messages, chat_text, degree_to_vector, system_via, vector_to_weights
 from runtime.dist import all_sum, collect_parts, dist_setup, drop_logs, is_main, part_path, shard, shard_spec
 from runtime.engines import add_engine_args, generate, load_policy
-from runtime.io import (DataError, check_fields, check_output, check_unique, cli, file_digest, parse_degrees,
-                        read_jsonl, write_jsonl)
-from runtime.models import DEFAULT_MODEL, resolve_model, setup
+from runtime.io import (DataError, check_fields, check_flags, check_output, check_unique, claim_output, cli,
+                        degree_id, file_digest, parse_degrees, read_jsonl, stage_main, write_jsonl)
+from runtime.models import DEFAULT_MODEL, load_pretrained, resolve_model, setup
 from runtime.resume import model_stamp, open_partial
 
 HINTS = {"plain": None,
@@ -92,7 +92,8 @@ def make_jobs(prompts, n, hints, degrees, degree_range, seed):
             for hint in hints:
                 for k in range(n):
                     jobs.append({"prompt_id": rec["id"], "prompt": rec["prompt"], "degree": deg, "hint": hint,
-                                 "id": f"{rec['id']}/{deg:g}/{hint}/{k}"})
+                                 "id": f"{rec['id']}/{degree_id(deg)}/{hint}/{k}"})
+    check_unique("sample ids", range(1, len(jobs) + 1), jobs)  # unique by construction; a collision is an error
     return jobs
 
 
@@ -107,8 +108,7 @@ def check_context(tok, model, jobs, line_of, args):
         if key in seen:
             continue
         seen.add(key)
-        text = tok.apply_chat_template(chat_messages(j["prompt"], j["degree"], HINTS[j["hint"]]), tokenize=False,
-                                       add_generation_prompt=True)
+        text = chat_text(tok, chat_messages(j["prompt"], j["degree"], HINTS[j["hint"]]))
         n = len(tok(text, add_special_tokens=False)["input_ids"])
         if n + args.max_new_tokens > ctx:
             raise DataError(f"{args.prompts}:{line_of[j['prompt_id']]}: field 'prompt' takes {n} tokens with its "
@@ -119,8 +119,7 @@ def check_context(tok, model, jobs, line_of, args):
 def generate_batch(model, tok, jobs, args, device, seed=None):
     """Batched sampling (left-padded for HF, one request per job for vLLM: runtime/engines.py) under each job's
     system prompt; returns (response text, new-token count, truncated) per job."""
-    texts = [tok.apply_chat_template(chat_messages(j["prompt"], j["degree"], HINTS[j["hint"]]),
-                                     tokenize=False, add_generation_prompt=True) for j in jobs]
+    texts = [chat_text(tok, chat_messages(j["prompt"], j["degree"], HINTS[j["hint"]])) for j in jobs]
     return [(tok.decode(ids, skip_special_tokens=True).strip(), len(ids), not ended)
             for ids, ended in generate(model, tok, texts, args, seed)]
 
@@ -131,10 +130,10 @@ def read_inputs(args):
     for h in hints:
         if h not in HINTS:
             raise SystemExit(f"error: unknown hint {h!r}; choose from {list(HINTS)}")
+    if len(set(hints)) < len(hints):
+        raise SystemExit(f"error: --hints {args.hints!r}: a hint is listed twice")
     degrees = parse_degrees(args.degrees, "--degrees") if args.degrees else []
-    parse_degrees(",".join(map(str, args.degree_range)), "--degree-range")
-    if args.n < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
-        raise SystemExit("error: --n, --batch-size and --max-new-tokens must be at least 1")
+    parse_degrees(",".join(map(str, args.degree_range)), "--degree-range", unique=False)
     lines, prompts = read_jsonl(args.prompts, required=("id", "prompt"), with_lines=True)
     for i, rec in zip(lines, prompts):
         check_fields(args.prompts, i, rec, id="id", prompt="text")
@@ -146,6 +145,7 @@ def read_inputs(args):
     return hints, degrees, lines, prompts
 
 
+@stage_main
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Data
@@ -178,6 +178,8 @@ def main(argv=None):
     p.add_argument("--shard", default="", help="i/N: draw only part i of N (one job of a job array) → OUT.part-i-of-N")
     p.add_argument("--merge", type=int, default=0, help="N: join the N parts (made with the same flags) into OUT")
     args = p.parse_args(argv)
+    check_flags(args, limit="count0", n="count", batch_size="count", max_new_tokens="count", temperature="pos",
+                top_p="prob", seed="seed", tensor_parallel_size="count")
 
     _, _, device = dist_setup(args.device)  # torchrun: one process per device; else (0, 1, device)
     device, dtype, _ = setup(args.seed, device, args.dtype)
@@ -187,6 +189,7 @@ def main(argv=None):
     partial = (part_path(args.out, *part[:2]) if part[2] in ("job", "torchrun") else args.out) + ".partial"
     check_output(mine_out, args.overwrite, [args.prompts])
     check_output(partial, True, [args.prompts])
+    claim_output(mine_out if is_main() else partial)  # one writer per output; leftovers of killed runs go
     hints, degrees, lines, prompts = read_inputs(args)
 
     jobs = make_jobs(prompts, args.n, hints, degrees, tuple(args.degree_range), args.seed)
@@ -197,7 +200,7 @@ def main(argv=None):
     gen = {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}
     done, resumed, t0, n_tok, n_new = {}, 0, time.time(), 0, 0
     path = resolve_model(args.model, args.trust_remote_code)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    tok = load_pretrained(AutoTokenizer, path, trust_remote_code=args.trust_remote_code)
     if part[2] != "merge":  # a merge only joins the parts: no model
         tok.padding_side = "left"  # batched generation continues every row from its last real token
         model = load_policy(args.engine, path, dtype, device, args.seed, args.tensor_parallel_size,
@@ -224,7 +227,7 @@ def main(argv=None):
             rec = {"id": j["id"], "prompt_id": j["prompt_id"], "prompt": j["prompt"], "degree": j["degree"],
                    "weights": list(vector_to_weights(degree_to_vector(j["degree"]))), "hint": j["hint"],
                    "response": text, "n_tokens": n, "truncated": trunc, "model": args.model, "seed": args.seed,
-                   "gen": gen, "schema_version": SCHEMA_VERSION}
+                   "gen": gen, "system_via": system_via(tok), "schema_version": SCHEMA_VERSION}
             done[rec["id"]] = rec
             new.append(rec)
             n_tok += n

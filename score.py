@@ -2,8 +2,9 @@
 
 r(x, y) ∈ R^K on a 0-100 scale. --rm takes any of these formats, told apart by the folder's files:
 - regression RM (train_rm.py --method regression), or any AutoModelForSequenceClassification folder: a bias-free
-  head on the last real token (common.reward_forward). A folder with 10 outputs and no meta.json is read as the
-  released DPA RM (RLHFlow/RewardModel-Mistral-7B-for-DPA-v1): common.ATTRIBUTES order, plain-string [INST] template.
+  head on the last real token (common.reward_forward). A folder with 10 unnamed outputs and no meta.json is read as
+  the released DPA RM (RLHFlow/RewardModel-Mistral-7B-for-DPA-v1): common.ATTRIBUTES order, plain-string [INST]
+  template; one with train_rm.py's output names but no meta.json (an unfinished run) is refused unless --template.
 - probe or gated RM (train_rm.py --method probe|gate; meta.json + armo.safetensors): the frozen backbone named in
   meta.json gives the last-token feature (→ rewards) and the end-of-user-turn feature (→ gating weights, score).
 - a model with its own code (config auto_map; runs only with --trust-remote-code): ArmoRM-style models return
@@ -32,9 +33,9 @@ import math
 import time
 
 from common import ATTRIBUTES, HELPFULNESS, VERBOSITY
-from runtime.dist import all_sum, collect_parts, dist_setup, drop_logs, part_path, shard_spec
-from runtime.io import (DataError, check_fields, check_output, check_rm_lengths, check_unique, cli, file_digest,
-                        read_jsonl, write_jsonl)
+from runtime.dist import all_sum, collect_parts, dist_setup, drop_logs, is_main, part_path, shard_spec
+from runtime.io import (DataError, check_fields, check_flags, check_output, check_rm_lengths, check_unique,
+                        claim_output, cli, file_digest, read_jsonl, stage_main, write_jsonl)
 from runtime.models import setup
 from runtime.resume import model_stamp, open_partial
 from tools.reward_models import load_rm
@@ -49,6 +50,7 @@ def add_judge(records, device):
         r["judge"] = {a: round(float(v), 3) for a, v in zip(ATTRIBUTES, j) if v == v}
 
 
+@stage_main
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Data
@@ -70,6 +72,7 @@ def main(argv=None):
     p.add_argument("--shard", default="", help="i/N: score only part i of N (one job of a job array) → OUT.part-i-of-N")
     p.add_argument("--merge", type=int, default=0, help="N: join the N parts (made with the same flags) into OUT")
     args = p.parse_args(argv)
+    check_flags(args, max_len="count", batch_size="count", reward_scale="pos")
 
     _, _, device = dist_setup(args.device)  # torchrun: one process per device; else (0, 1, device)
     device, dtype, _ = setup(0, device, args.dtype)
@@ -79,6 +82,7 @@ def main(argv=None):
     partial = (part_path(args.out, *part[:2]) if part[2] in ("job", "torchrun") else args.out) + ".partial"
     check_output(mine_out, args.overwrite, [args.samples])
     check_output(partial, True, [args.samples])
+    claim_output(mine_out if is_main() else partial)  # one writer per output; leftovers of killed runs go
     lines, records = read_jsonl(args.samples, required=("prompt", "response"), with_lines=True)
     for i, r in zip(lines, records):
         check_fields(args.samples, i, r, prompt="text", response="str", id="id?")

@@ -16,11 +16,11 @@ import sys
 import numpy as np
 from transformers import AutoTokenizer
 
-from common import (best_of_n, chat_messages, degree_to_vector, directional_reward, system_prompt, vector_to_degree,
-                    weights_to_vector)
+from common import (best_of_n, chat_messages, chat_text, degree_to_vector, directional_reward, system_prompt,
+                    vector_to_degree, weights_to_vector)
 from runtime.engines import add_engine_args, generate, load_policy
-from runtime.io import cli
-from runtime.models import DEFAULT_MODEL, resolve_model, setup
+from runtime.io import check_flags, cli, stage_main
+from runtime.models import DEFAULT_MODEL, load_pretrained, resolve_model, setup
 from tools.reward_models import load_rm
 
 
@@ -40,6 +40,7 @@ def read_prompts(path):
     return prompts
 
 
+@stage_main
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Data
@@ -62,6 +63,8 @@ def main(argv=None):
     # Output
     p.add_argument("--verbose", action="store_true", help="print the rendered system prompt and all candidates")
     args = p.parse_args(argv)
+    check_flags(args, best_of_n="count", temperature="pos", top_p="prob", max_new_tokens="count", seed="seed",
+                degree="finite", weights="finite", tensor_parallel_size="count")
 
     try:
         v = weights_to_vector(*args.weights) if args.weights else degree_to_vector(args.degree)
@@ -77,7 +80,7 @@ def main(argv=None):
     device, dtype, _ = setup(args.seed, args.device)
     trust = args.trust_remote_code
     path = resolve_model(args.model, trust)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+    tok = load_pretrained(AutoTokenizer, path, trust_remote_code=trust)
     tok.padding_side = "left"
     model = load_policy(args.engine, path, dtype, device, args.seed, args.tensor_parallel_size, trust)
     rm = load_rm(args.rm, device, dtype, trust_remote_code=trust) if args.rm else None  # score.py's loader
@@ -85,7 +88,7 @@ def main(argv=None):
         print(f"[system] {system_prompt(degree)}\n")
 
     for i, prompt in enumerate(prompts):
-        text = tok.apply_chat_template(chat_messages(prompt, degree), tokenize=False, add_generation_prompt=True)
+        text = chat_text(tok, chat_messages(prompt, degree))
         rows = generate(model, tok, [text] * args.best_of_n, args, args.seed * 100_003 + i)  # runtime/engines.py
         answers = [tok.decode(ids, skip_special_tokens=True).strip() for ids, _ in rows]
         best = 0

@@ -45,11 +45,14 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, reward_forward, rm_text
+from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, reward_forward, rm_encode, rm_text
+from runtime import lora
 from runtime.dist import all_gather, all_mean, dist_setup, grad_sync, is_main, parallelize, rank_world, save_model
-from runtime.io import DataError, check_output_dir, check_rm_lengths, cli, file_digest, write_json
-from runtime.models import CACHE_DIR, DEFAULT_MODEL, get_lr, resolve_model, setup
-from runtime.resume import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from runtime.io import (DataError, check_flags, check_output_dir, check_rm_lengths, cli, file_digest, publish_dir,
+                        stage_main, temp_dir, write_json)
+from runtime.models import CACHE_DIR, DEFAULT_MODEL, get_lr, load_pretrained, resolve_model, setup
+from runtime.resume import (check_finite_loss, check_finite_weights, load_checkpoint, load_training, rng_state,
+                            save_training, set_rng_state)
 from tools import rm_data
 from tools.armo import RIDGE_ALPHAS, encode_items, pair_accuracy, save_armo, train_armo
 
@@ -118,6 +121,8 @@ def load_data(args):
         if pairs_src not in loaded:
             groups.append(sorted({q["prompt_id"] for q in pairs}))
         info["pairs_source"] = pairs_src if p_pairs else f"{pairs_src} ({prefer} gap ≥ {args.min_gap})"
+    if not any(v is not None for r in rows for v in r["labels"].values()):
+        raise DataError(f"{', '.join(data)}: every label is null: nothing to learn from")
     info.update(rows=len(rows), pairs=len(pairs))
     resolved = {"data": data, "pairs": pairs_src, "prefer": prefer}
     return [to_row(r, ATTRIBUTES) for r in rows], pairs, groups, info, resolved
@@ -129,8 +134,8 @@ def batches(rows, tok, batch_size, max_len, template, shuffle, rng):
         rng.shuffle(idx)
     for i in range(0, len(idx), batch_size):
         b = [rows[j] for j in idx[i:i + batch_size]]
-        enc = tok([rm_text(tok, r["prompt"], r["response"], template) for r in b], return_tensors="pt", padding=True,
-                  truncation=True, max_length=max_len, add_special_tokens=False)
+        enc = rm_encode(tok, [rm_text(tok, r["prompt"], r["response"], template) for r in b], template,
+                        return_tensors="pt", padding=True, truncation=True, max_length=max_len)
         yield enc, torch.tensor(np.stack([r["target"] for r in b])), torch.tensor(np.stack([r["mask"] for r in b]))
 
 
@@ -190,12 +195,13 @@ def train_regression(args, flags, train, n_val, tok, path, device, dtype, autoca
     per-step log. flags: the flags as resolved (the job's fingerprint); ckpt: OUT/checkpoint.pt to resume from;
     --save-every writes it."""
     rank, world = rank_world()
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=len(ATTRIBUTES), problem_type="regression", dtype=torch.float32,
-        id2label=dict(enumerate(ATTRIBUTES)), label2id={a: k for k, a in enumerate(ATTRIBUTES)},
+    model = load_pretrained(
+        AutoModelForSequenceClassification, path, num_labels=len(ATTRIBUTES), problem_type="regression",
+        dtype=torch.float32, id2label=dict(enumerate(ATTRIBUTES)), label2id={a: k for k, a in enumerate(ATTRIBUTES)},
         trust_remote_code=args.trust_remote_code)
     model.config.pad_token_id = tok.pad_token_id
     torch.nn.init.zeros_(model.score.weight)  # fp32 master weights; start from r = 0, the head learns fast
+    merge_adapters = lora.prepare(model, args, trainable=["score"])  # --lora / --grad-checkpointing
     frozen = [model.model.embed_tokens, *model.model.layers[:args.freeze_layers]]
     for m in frozen:
         m.requires_grad_(False)
@@ -227,8 +233,7 @@ def train_regression(args, flags, train, n_val, tok, path, device, dtype, autoca
     job = json.loads(json.dumps(job, default=str))
     if ckpt:
         state = load_checkpoint(ckpt, job)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
+        load_training(state, args.out, model, opt)  # FSDP2: each rank its own shards
         step, log = state["step"], state["log"]
         for _ in range(step * args.grad_accum):  # replay the shuffled batch stream up to where the run stopped
             next(stream)
@@ -246,6 +251,7 @@ def train_regression(args, flags, train, n_val, tok, path, device, dtype, autoca
             with autocast():
                 pred = fwd(enc["input_ids"].to(device), enc["attention_mask"].to(device))
             loss = masked_mse(pred, target.to(device), mask.to(device)) / args.grad_accum
+            check_finite_loss(loss, step + 1, "--lr, --head-lr")
             loss.backward()
             mse += loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -256,12 +262,12 @@ def train_regression(args, flags, train, n_val, tok, path, device, dtype, autoca
         log.append({"step": step, "mse": all_mean(mse) * 1e4})  # the mean over the global batch's micro-batches
         print(f"step {step}/{total} | mse {log[-1]['mse']:.1f} (0-100 scale) | "
               f"lr {opt.param_groups[0]['lr']:.1e} | {time.time() - t1:.1f}s", flush=True)
-        if args.save_every and step % args.save_every == 0 and step < total and is_main():  # DDP: ranks agree
-            save_checkpoint(os.path.join(args.out, "checkpoint.pt"),
-                            {"fingerprint": job, "step": step, "log": log, "model": model.state_dict(),
-                             "opt": opt.state_dict(), "rng": rng_state()})
+        if args.save_every and step % args.save_every == 0 and step < total:  # DDP: rank 0 writes; FSDP2: all
+            save_training(args.out, model, opt, {"fingerprint": job, "step": step, "log": log, "rng": rng_state()})
+    model = merge_adapters()  # --lora: the adapters merged into the weights (the head trained in full)
     with torch.no_grad():
         model.score.weight.mul_(100.0)  # predictions on the 0-100 scale
+    check_finite_weights(model, "--lr, --head-lr")
     return model, fwd, total, log
 
 
@@ -308,6 +314,7 @@ def build_parser():
     p.add_argument("--freeze-layers", type=int, default=0, help="regression: freeze embeddings and the lowest N layers")
     p.add_argument("--fsdp", action="store_true", help="regression under torchrun: FSDP2 instead of DDP")
     p.add_argument("--compile", action="store_true", help="regression: torch.compile each decoder layer (pays on GPU)")
+    lora.add_flags(p)  # regression: --lora R, --lora-alpha, --lora-dropout, --lora-targets, --grad-checkpointing
     p.add_argument("--ridge-alphas", type=float, nargs="+", default=RIDGE_ALPHAS, help="probe: α grid")
     p.add_argument("--ridge-val-frac", type=float, default=0.2, help="probe: training prompts that pick α")
     p.add_argument("--gate-hidden", type=int, default=1024)
@@ -344,17 +351,21 @@ def build_parser():
     return p
 
 
+@stage_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    check_flags(args, limit="count0", min_gap="nonneg", val_frac="frac", max_len="count", freeze_layers="count0",
+                ridge_alphas="pos", ridge_val_frac="frac", gate_hidden="count", gate_layers="count0",
+                gate_temperature="pos", gate_dropout="frac", gate_scale_init="pos", debias_threshold="nonneg",
+                epochs="pos", batch_size="count", grad_accum="count", chunk_rows="count0", lr="pos", head_lr="pos",
+                warmup="count0", gate_steps="count", gate_batch="count", gate_lr="pos", seed="seed",
+                max_steps="count0", log_every="count", save_every="count0")
     if args.method != "regression" and (args.save_every or args.resume):
         raise SystemExit(f"error: --save-every/--resume apply to --method regression only; --method {args.method} "
                          f"fits in seconds on cached features and starts over (use --overwrite to replace OUT)")
     if args.method != "regression" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SystemExit(f"error: --method {args.method} runs in one process (it fits a probe on cached features); "
                          f"run it with python, not torchrun")
-    if args.fsdp and (args.save_every or args.resume):
-        raise SystemExit("error: --save-every/--resume do not work with --fsdp (the optimizer state is sharded over "
-                         "the ranks); checkpoint under DDP, or train without checkpoints")
 
     _, _, device = dist_setup(args.device)  # torchrun: one process per device; else (0, 1, device)
     device, dtype, autocast = setup(args.seed, device, args.dtype)
@@ -376,7 +387,7 @@ def main(argv=None):
                          f"evaluation")
 
     path = resolve_model(args.backbone, args.trust_remote_code)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    tok = load_pretrained(AutoTokenizer, path, trust_remote_code=args.trust_remote_code)
     tok.padding_side = "right"
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         # the RM input ends with the end-of-turn token; a pad id different from it keeps HF's own
@@ -426,18 +437,17 @@ def main(argv=None):
             "max_len": args.max_len, "helpfulness": HELPFULNESS, "verbosity": VERBOSITY, "backbone": backbone,
             "steps": steps, "seconds": round(time.time() - t0, 1), "data": info, **extra,
             "args": dict(flags, steps=steps), "eval": metrics, "log": log}
+    stage = temp_dir(args.out) if is_main() else None  # everything is saved to OUT.tmp.PID, then renamed to OUT
     if args.method == "regression":
-        save_model(model, tok, args.out)  # every rank (FSDP2 gathers the shards); rank 0 writes
+        save_model(model, tok, stage)  # every rank (FSDP2 gathers the shards); rank 0 writes
     if not is_main():
         return
-    os.makedirs(args.out, exist_ok=True)
-    write_json(os.path.join(args.out, "eval.json"), metrics)
+    write_json(os.path.join(stage, "eval.json"), metrics)
     if args.method == "regression":
-        write_json(os.path.join(args.out, "meta.json"), meta)  # last: the run is finished
+        write_json(os.path.join(stage, "meta.json"), meta)  # last: the run is finished
     else:
-        save_armo(args.out, head, meta)
-    if os.path.exists(os.path.join(args.out, "checkpoint.pt")):
-        os.remove(os.path.join(args.out, "checkpoint.pt"))
+        save_armo(stage, head, meta)
+    publish_dir(stage, args.out)  # replaces OUT (and its checkpoint.pt) in one rename
     hv = [metrics.get(a, {}).get("pearson") for a in (HELPFULNESS, VERBOSITY)]
     hv = [float("nan") if x is None else x for x in hv]
     print(f"train_rm: {args.method} | {steps} steps in {time.time() - t0:.0f}s → {args.out} | held-out pearson "

@@ -20,6 +20,8 @@ import random
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from runtime.models import load_pretrained
+
 VLLM_INSTALL = "bash setup.sh --vllm, then run with .venv-vllm/bin/python"
 
 
@@ -43,7 +45,7 @@ class VLLMPolicy:
             raise SystemExit("error: --engine vllm runs one engine per process, not under torchrun: run one "
                              "`--shard i/N` job per GPU (or per --tensor-parallel-size GPUs), then --merge N")
         self.SamplingParams = vllm.SamplingParams
-        self.config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        self.config = load_pretrained(AutoConfig, path, trust_remote_code=trust_remote_code)
         self.device = "vllm"
         # generation_config="vllm": no sampling defaults from the model's generation_config.json, so vLLM samples
         # with exactly the settings HF gets
@@ -72,7 +74,7 @@ def load_policy(engine, path, dtype, device, seed, tensor_parallel_size=1, trust
     """--engine hf: the transformers model on device, in eval mode; vllm: a VLLMPolicy."""
     if engine == "vllm":
         return VLLMPolicy(path, dtype, seed, tensor_parallel_size, trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = load_pretrained(AutoModelForCausalLM, path, dtype=dtype, trust_remote_code=trust_remote_code)
     return model.to(device).eval()
 
 

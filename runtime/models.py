@@ -47,15 +47,28 @@ def resolve_model(name, trust_remote_code=False):
 
 
 
+def load_pretrained(cls, path, **kwargs):
+    """cls.from_pretrained(path, **kwargs) for a model, tokenizer or config; a folder whose files are truncated or
+    corrupt (model.safetensors cut short, bad JSON) ends in one line naming the folder, not a traceback."""
+    try:
+        return cls.from_pretrained(path, **kwargs)
+    except Exception as e:  # noqa: BLE001 — safetensors, json, OSError, ValueError: all mean "this folder is broken"
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise SystemExit(f"error: cannot load {path} ({type(e).__name__}: {first}); a truncated or corrupt file? "
+                         f"re-create or re-download the folder") from None
+
+
 def cpu_has_native_bf16():
-    """True when the CPU computes bf16 natively (avx512_bf16 or amx_bf16 in /proc/cpuinfo's flags; without /proc,
-    torch's public capability string)."""
+    """True when the CPU computes bf16 natively (avx512_bf16 or amx_bf16 in /proc/cpuinfo's flags) and torch runs
+    its AVX-512 kernels: ATEN_CPU_CAPABILITY=avx2 (how an AVX2-only CPU is reproduced on a bf16 one) means fp32."""
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False
     try:
         with open("/proc/cpuinfo") as f:
             flags = set(" ".join(line for line in f if line.startswith("flags")).split())
         return bool(flags & {"avx512_bf16", "amx_bf16"})
     except OSError:
-        return torch.backends.cpu.get_cpu_capability() == "AVX512_BF16"
+        return False
 
 
 def setup(seed, device="auto", dtype="auto", threads=None):

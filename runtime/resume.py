@@ -1,6 +1,7 @@
 """Resumable work: the append-only logs of sample.py/score.py (OUT.partial), RNG states and atomic training
 checkpoints, each tied to a fingerprint of the job that made it."""
 import json
+import math
 import os
 import random
 
@@ -94,9 +95,32 @@ def save_checkpoint(path, state):
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+def check_finite_loss(loss, step, flags):
+    """Stop a training run at the first non-finite loss (NaN/inf: a learning rate or β out of range, overflow) with one
+    line, before the optimizer applies it; nothing is saved."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise SystemExit(f"error: step {step}: the loss is {value} (not finite); nothing was saved. Check {flags}, or "
+                         f"try --dtype float32")
+
+
+def check_finite_weights(model, flags):
+    """Refuse to save a model with a NaN/inf weight (e.g. a huge learning rate): one line naming the first tensor."""
+    for name, p in model.named_parameters():
+        t = p.detach().to_local() if hasattr(p, "to_local") else p.detach()  # FSDP2: this rank's shard
+        if not torch.isfinite(t).all():
+            raise SystemExit(f"error: the trained weights are not finite ({name}); nothing was saved. Check {flags}")
+
+
 def load_checkpoint(path, fingerprint):
     """A checkpoint of save_checkpoint, if it was made by the same job (same data and flags); else exit."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 — a truncated or corrupt file (checkpoints are renamed into place whole)
+        raise SystemExit(f"error: {path} cannot be read ({type(e).__name__}: {str(e)[:120]}); delete it, or pass "
+                         f"--overwrite without --resume to start over") from None
+    if not isinstance(state, dict) or "fingerprint" not in state:
+        raise SystemExit(f"error: {path} is not a checkpoint of this code; pass --overwrite without --resume")
     old, new = state.get("fingerprint", {}), _plain(fingerprint)
     if old != new:
         raise SystemExit(f"error: {path} was made by a different job (differs in: {_differ(old, new)}); pass "
@@ -104,3 +128,58 @@ def load_checkpoint(path, fingerprint):
     return state
 
 
+def _sharded(model):
+    from torch.distributed.tensor import DTensor
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def save_training(out, model, opt, state):
+    """OUT/checkpoint.pt of a training run: state (fingerprint, step, log, rng, ...) plus the model and optimizer.
+    Every rank calls it. A model held whole by every rank (one process, DDP): rank 0 writes it all into
+    checkpoint.pt. FSDP2 (sharded parameters): every rank writes its own shards with torch.distributed.checkpoint
+    into OUT/checkpoint-stepN.dcp/, then rank 0 writes checkpoint.pt naming that folder and deletes the older one,
+    so a crash at any moment leaves one complete checkpoint."""
+    import shutil
+
+    from runtime.dist import barrier, is_main
+    if _sharded(model):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        name = f"checkpoint-step{state['step']}.dcp"
+        model_state, opt_state = get_state_dict(model, opt)
+        dcp.save({"model": model_state, "opt": opt_state}, checkpoint_id=os.path.join(out, name))
+        barrier()  # every rank's shards are on disk before checkpoint.pt points at them
+        state = dict(state, dcp=name)
+    else:
+        state = dict(state, model=model.state_dict(), opt=opt.state_dict())
+    if is_main():
+        save_checkpoint(os.path.join(out, "checkpoint.pt"), state)
+        for old in os.listdir(out):
+            if old.startswith("checkpoint-step") and old != state.get("dcp"):
+                shutil.rmtree(os.path.join(out, old))
+    barrier()
+
+
+def load_training(state, out, model, opt):
+    """Model and optimizer back from a save_training checkpoint (state: load_checkpoint's); FSDP2 ranks each read
+    their own shards (the same number of ranks: the fingerprint holds the world size)."""
+    if "dcp" not in state:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        return
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_state, opt_state = get_state_dict(model, opt)  # the sharded layout to read into
+    loaded = {"model": model_state, "opt": opt_state}
+    dcp.load(loaded, checkpoint_id=os.path.join(out, state["dcp"]))
+    set_state_dict(model, opt, model_state_dict=loaded["model"], optim_state_dict=loaded["opt"])
+
+
+def drop_checkpoint(out):
+    """A finished run: its checkpoint (checkpoint.pt and any FSDP2 shard folder) goes."""
+    import shutil
+    for name in os.listdir(out):
+        if name == "checkpoint.pt":
+            os.remove(os.path.join(out, name))
+        elif name.startswith("checkpoint-step"):
+            shutil.rmtree(os.path.join(out, name))

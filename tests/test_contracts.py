@@ -313,6 +313,11 @@ def test_auto_dtype_never_fp16_and_cpu_bf16_from_public_flags(monkeypatch):
     monkeypatch.setattr(models.torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert models.setup(0, "cuda:0")[1] == models.torch.bfloat16
     flags = open("/proc/cpuinfo").read().split()
-    assert models.cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    avx512 = models.torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    assert models.cpu_has_native_bf16() == (avx512 and ("avx512_bf16" in flags or "amx_bf16" in flags))
+    # ATEN_CPU_CAPABILITY=avx2 (an AVX2-only CPU reproduced on a bf16 one) runs fp32
+    monkeypatch.setattr(models.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not models.cpu_has_native_bf16() and models.setup(0, "cpu")[1] == models.torch.float32
+    monkeypatch.undo()
     assert models.setup(0, "cpu")[1] == (models.torch.bfloat16 if models.cpu_has_native_bf16() else models.torch.float32)
     assert "_is_avx512" not in open(models.__file__).read()

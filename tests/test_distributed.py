@@ -156,6 +156,11 @@ def runs(repo_root, tiny_model_dir, tmp_path_factory):
                                        "--out", tmp / "dpo_resumed"]},
         {"stage": "sample", "argv": [*smp, "--out", tmp / "s_ddp.jsonl"]},
         {"stage": "score", "argv": [*sco, "--out", tmp / "c_ddp.jsonl"]},
+        # FSDP2 with a checkpoint (torch.distributed.checkpoint, one shard per rank): interrupted, then resumed
+        {"stage": "finetune", "argv": [*dpo, "--grad-accum", 2, "--fsdp", "--save-every", 1,
+                                       "--out", tmp / "dpo_fsdp_resumed"], "stop_at_step": 1},
+        {"stage": "finetune", "argv": [*dpo, "--grad-accum", 2, "--fsdp", "--save-every", 1, "--resume",
+                                       "--out", tmp / "dpo_fsdp_resumed"]},
     ], tmp / "jobs.json")
     return tmp, out, (smp, sco)
 
@@ -189,10 +194,7 @@ def test_shard_spec_errors(monkeypatch):
 
 
 def test_refused_combinations(tmp_path, monkeypatch):
-    """Checked before anything loads: --fsdp with checkpoints; probe/gate under torchrun."""
-    for stage, args in (("finetune", ("--scored", "x.jsonl")), ("train_rm", ("--data", "x.jsonl"))):
-        with pytest.raises(SystemExit, match="do not work with --fsdp"):
-            importlib.import_module(stage).main([*args, "--fsdp", "--save-every", "5", "--out", str(tmp_path)])
+    """Checked before anything loads: probe/gate under torchrun."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit, match="--method probe runs in one process"):
         importlib.import_module("train_rm").main(["--data", "x.jsonl", "--method", "probe", "--out", str(tmp_path)])
@@ -222,10 +224,11 @@ def test_ddp_sft_matches_one_process(runs, tiny_model_dir):
     assert rows[0] == rows[1]
 
 
-@pytest.mark.parametrize("run", ["dpo_ddp", "dpo_fsdp", "dpo_resumed"])
+@pytest.mark.parametrize("run", ["dpo_ddp", "dpo_fsdp", "dpo_resumed", "dpo_fsdp_resumed"])
 def test_dpo_matches_one_process(runs, tiny_model_dir, run):
     """Mirrored DPO with a frozen layer: reference log-probs on each rank's own micro-batches (margin 0 at step 1);
-    DDP, FSDP2 (shards gathered into one plain folder), and DDP resumed from rank 0's checkpoint."""
+    DDP, FSDP2 (shards gathered into one plain folder), DDP resumed from rank 0's checkpoint, and FSDP2 resumed from
+    every rank's shards (torch.distributed.checkpoint)."""
     from transformers import AutoConfig
     tmp, out, _ = runs
     one, dist = log_of(tmp / "dpo_one"), log_of(tmp / run)
@@ -240,6 +243,9 @@ def test_dpo_matches_one_process(runs, tiny_model_dir, run):
     if run == "dpo_resumed":
         assert "stopped at step 1" in out[4] and "resumed from" in out[5] and "at step 1" in out[5]
         assert not (tmp / run / "checkpoint.pt").exists()
+    if run == "dpo_fsdp_resumed":
+        assert "stopped at step 1" in out[8] and "resumed from" in out[9] and "at step 1" in out[9]
+        assert not [f for f in os.listdir(tmp / run) if f.startswith("checkpoint")]
 
 
 # ----------------------------------------------------------------------------- sweeps

@@ -20,10 +20,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
-from common import ATTRIBUTES, DPA_RM_TEMPLATE, VERBOSITY, rm_text
-from runtime.io import atomic_write, write_json
+from common import ATTRIBUTES, DPA_MARKERS, DPA_RM_TEMPLATE, VERBOSITY, chat_text, neutral, rm_encode, rm_text
+from runtime.io import atomic_write, read_meta, write_json
 from runtime.models import get_lr
-from runtime.resume import model_stamp
+from runtime.resume import check_finite_loss, model_stamp
 from tools.stats import spearman
 
 
@@ -39,8 +39,8 @@ def rm_prompt_text(tokenizer, prompt, template="chat"):
     """The start of rm_text(...) that ends with the user turn: the conversation rendered without the assistant turn.
     Its last token is where a gated RM reads the prompt feature (ArmoRM stage 2, dpa_armo.md §2.2)."""
     if template == "dpa":
-        return DPA_RM_TEMPLATE[:DPA_RM_TEMPLATE.index("{prompt}")] + prompt
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False).rstrip("\n")
+        return DPA_RM_TEMPLATE[:DPA_RM_TEMPLATE.index("{prompt}")] + neutral(tokenizer, prompt, DPA_MARKERS)
+    return chat_text(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=False).rstrip("\n")
 
 
 def user_turn_end(full_text, prompt_text, offsets):
@@ -64,7 +64,7 @@ def encode_items(tok, items, template, max_len):
     out = []
     for prompt, response in items:
         full = rm_text(tok, prompt, response, template)
-        enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+        enc = rm_encode(tok, full, template, return_offsets_mapping=True)
         try:
             end = user_turn_end(full, rm_prompt_text(tok, prompt, template), enc["offset_mapping"])
         except ValueError as e:
@@ -263,6 +263,7 @@ def train_gate(gate, f_prompt, r_chosen, r_rejected, T, args):
         g = gate(f_prompt[idx])                                             # (B, K)
         sc, sr = (g * rc[idx]).sum(-1), (g * rr[idx]).sum(-1)               # (B,)
         loss = bt_loss(sc, sr)
+        check_finite_loss(loss, step + 1, "--gate-lr, --gate-scale-init")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -289,9 +290,15 @@ def save_armo(out, head, meta):
 
 def load_armo(folder):
     """A probe/gate folder → (ArmoHead, meta)."""
-    with open(os.path.join(folder, "meta.json")) as f:
-        meta = json.load(f)
-    t = load_file(os.path.join(folder, ARMO_FILE))
+    meta = read_meta(folder)
+    for key in ("attributes", "backbone"):
+        if key not in meta:
+            raise SystemExit(f"error: {folder}/meta.json has no '{key}': not a finished train_rm.py probe/gate folder")
+    try:
+        t = load_file(os.path.join(folder, ARMO_FILE))
+    except Exception as e:  # noqa: BLE001 — a truncated or corrupt safetensors file
+        raise SystemExit(f"error: cannot load {folder}/{ARMO_FILE} ({type(e).__name__}: {e}); re-create the "
+                         f"folder") from None
     gate = None
     if meta.get("gate"):
         g = meta["gate"]

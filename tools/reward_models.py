@@ -1,15 +1,15 @@
 """The one reward-model loader of score.py and steer.py: every RM format, told apart by the folder's files.
 
 - regression RM (train_rm.py --method regression), or any AutoModelForSequenceClassification folder: a bias-free
-  head on the last real token (common.reward_forward). A folder with 10 outputs and no meta.json is read as the
-  released DPA RM (RLHFlow/RewardModel-Mistral-7B-for-DPA-v1): common.ATTRIBUTES order, plain-string [INST] template.
+  head on the last real token (common.reward_forward). A folder with 10 unnamed outputs and no meta.json is read as
+  the released DPA RM (RLHFlow/RewardModel-Mistral-7B-for-DPA-v1): common.ATTRIBUTES order, plain-string [INST]
+  template; one with train_rm.py's output names but no meta.json (an unfinished run) is refused unless --template.
 - probe or gated RM (train_rm.py --method probe|gate; meta.json + armo.safetensors): the frozen backbone named in
   meta.json gives the last-token feature (→ rewards) and the end-of-user-turn feature (→ gating weights, score).
 - a model with its own code (config auto_map; runs only with trust_remote_code): ArmoRM-style models return
   rewards, gating_output and score (their [0, 1] rewards and score are written ×100, reward_scale); one that returns
   only logits is read as a K-output regression RM.
 """
-import json
 import os
 from contextlib import nullcontext
 from types import SimpleNamespace
@@ -18,10 +18,10 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, reward_forward, rm_text
+from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, reward_forward, rm_encode, rm_text
 from runtime.dist import is_main, shard
-from runtime.io import DataError
-from runtime.models import resolve_model
+from runtime.io import DataError, read_meta
+from runtime.models import load_pretrained, resolve_model
 from tools.armo import ARMO_FILE, compute_features, encode_items, load_armo
 
 
@@ -85,12 +85,14 @@ def run_batches(n, keys, batch_size, compute, done=None, on_batch=None, part=(0,
 
 
 @torch.no_grad()
-def score_texts(forward, tok, texts, batch_size, max_len, device, done=None, on_batch=None, part=(0, 1)):
+def score_texts(forward, tok, texts, batch_size, max_len, device, done=None, on_batch=None, part=(0, 1),
+                template="chat"):
     """Run forward(input_ids, attention_mask) → {name: (B, ...) tensor} over RM input texts in length-sorted,
-    right-padded batches. → {name: [value per text]} in input order. done / on_batch: resume hooks (run_batches)."""
+    right-padded batches (tokenized by common.rm_encode for `template`). → {name: [value per text]} in input order.
+    done / on_batch: resume hooks (run_batches)."""
     def compute(idx):
-        enc = tok([texts[j] for j in idx], return_tensors="pt", padding=True, truncation=True, max_length=max_len,
-                  add_special_tokens=False).to(device)
+        enc = rm_encode(tok, [texts[j] for j in idx], template, return_tensors="pt", padding=True, truncation=True,
+                        max_length=max_len).to(device)
         return {name: v.float().tolist() for name, v in forward(enc["input_ids"], enc["attention_mask"]).items()}
     return run_batches(len(texts), [len(t) for t in texts], batch_size, compute, done, on_batch, part)
 
@@ -99,8 +101,8 @@ def score_texts(forward, tok, texts, batch_size, max_len, device, done=None, on_
 def load_armo_scorer(rm, device, dtype, template, trust_remote_code, max_len, batch_size):
     head, meta = load_armo(rm)
     path = resolve_model(meta["backbone"], trust_remote_code)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    backbone = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    tok = load_pretrained(AutoTokenizer, path, trust_remote_code=trust_remote_code)
+    backbone = load_pretrained(AutoModel, path, dtype=dtype, trust_remote_code=trust_remote_code)
     backbone = backbone.to(device).eval()
     template = meta["template"] if template == "auto" else template
 
@@ -129,28 +131,29 @@ def load_armo_scorer(rm, device, dtype, template, trust_remote_code, max_len, ba
 # ----------------------------------------------------------------------------- format: sequence classifier / own code
 def load_hf_scorer(rm, device, dtype, template, trust_remote_code, reward_scale, max_len, batch_size):
     path = resolve_model(rm, trust_remote_code)  # a local folder with its own code is refused here
-    meta_path = os.path.join(path, "meta.json")
-    meta = {}
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    meta = read_meta(path) if os.path.isdir(path) else {}
+    config = load_pretrained(AutoConfig, path, trust_remote_code=trust_remote_code)
     own_code = bool(getattr(config, "auto_map", None))
     if own_code and not trust_remote_code:
         raise SystemExit(f"error: {rm} ships its own model code ({config.auto_map}); read it, then pass "
                          f"--trust-remote-code to run it")
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tok = load_pretrained(AutoTokenizer, path, trust_remote_code=trust_remote_code)
     tok.padding_side = "right"  # the readouts take the last real token of right-padded rows
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, dtype=dtype, trust_remote_code=trust_remote_code).to(device).eval()
+    model = load_pretrained(AutoModelForSequenceClassification, path, dtype=dtype,
+                            trust_remote_code=trust_remote_code).to(device).eval()
     k = getattr(config, "num_objectives", None) or config.num_labels
     names = attribute_names(k, meta, config)
     if len(names) != k:
         raise SystemExit(f"error: reward model {rm} has {k} outputs but its meta.json names {len(names)} "
                          f"attributes")
-    released_dpa = not meta and not own_code and names == ATTRIBUTES  # the released DPA RM layout
+    named = [config.id2label.get(i) for i in range(k)] == ATTRIBUTES  # train_rm.py names its outputs
+    if not meta and not own_code and named and template == "auto":  # a train_rm.py folder that lost its finished mark
+        raise SystemExit(f"error: {rm} looks like a train_rm.py folder but has no meta.json (an unfinished run, or "
+                         f"the file was deleted), so its input template is unknown; re-run train_rm.py, or "
+                         f"(score.py) pass --template chat|dpa if you know it")
+    released_dpa = not meta and not own_code and names == ATTRIBUTES and not named  # the released DPA RM layout
     template = template if template != "auto" else meta.get("template", "dpa" if released_dpa else "chat")
 
     def forward(input_ids, attention_mask):
@@ -169,6 +172,6 @@ def load_hf_scorer(rm, device, dtype, template, trust_remote_code, reward_scale,
 
     def scorer(prompts, responses, where, done=None, on_batch=None, part=(0, 1)):
         texts = [rm_text(tok, p, r, template) for p, r in zip(prompts, responses)]
-        return score_texts(forward, tok, texts, batch_size, max_len, device, done, on_batch, part)
+        return score_texts(forward, tok, texts, batch_size, max_len, device, done, on_batch, part, template)
     kind = "own-code" if own_code else ("released-dpa" if released_dpa else "regression")
     return kind, names, template, scorer, tok, path

@@ -24,6 +24,7 @@ overall score 1-10 → 5, 15, …, 95. Fractional scores (means) use the same li
 absent) stays missing (None → NaN → masked in the loss). A pair whose chosen score is not above the rejected one,
 or whose two responses are equal, is dropped and counted.
 """
+import bisect
 import math
 import os
 
@@ -80,8 +81,10 @@ def from_rm(rec, where):
     if unknown:
         raise DataError(f"{where}: field 'labels' has unknown attributes {sorted(unknown)}")
     for a, v in labels.items():
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
-            raise DataError(f"{where}: field 'labels.{a}' must be a finite number or null, got {v!r}")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                              or not 0 <= v <= 100):
+            raise DataError(f"{where}: field 'labels.{a}' must be a number in [0, 100] (the rating scale) or null, "
+                            f"got {v!r}")
     prompt = _text(rec, "prompt", where)
     return [{"prompt": prompt, "response": _text(rec, "response", where), "labels": dict(labels),
              "prompt_id": str(rec.get("prompt_id", prompt))}], []
@@ -164,8 +167,11 @@ def detect_schema(rec, where):
 
 # ----------------------------------------------------------------------------- sources
 def read_source(source, split=None, limit=0):
-    """A local JSONL file or a hub dataset name → (schema hint or None, [(where, record)]).
-    Offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) a hub name that is not in the local datasets cache fails at once."""
+    """A local JSONL file or a hub dataset name → (schema hint or None, [(where, record)]); limit N ≥ 1: the first N
+    records, 0: all. Offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) a hub name that is not in the local datasets cache
+    fails at once."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise DataError(f"{source}: limit must be an integer >= 1, or 0 for all records, got {limit!r}")
     if os.path.exists(source):
         lines, recs = read_jsonl(source, with_lines=True)
         pairs = [(f"{source}:{i}", r) for i, r in zip(lines, recs)]
@@ -210,9 +216,15 @@ def load(source, schema="auto", split=None, limit=0):
                          "pairs": len(pairs), "pairs_dropped": dropped}
 
 
-def pairs_from_ratings(rows, attribute, min_gap):
-    """Preference pairs from rated rows of the same prompt: (a, b) with label_a − label_b ≥ min_gap on `attribute`.
-    Every qualifying ordered pair of a prompt is kept, each once, best-rated first."""
+MAX_PAIRS_PER_ROW = 8  # rated rows of one prompt pair up in O(n), not O(n²): 2,000 answers → ≤ 16,000 pairs
+
+
+def pairs_from_ratings(rows, attribute, min_gap, per_row=MAX_PAIRS_PER_ROW):
+    """Preference pairs from rated rows of the same prompt: (a, b) with label_a − label_b ≥ min_gap on `attribute`,
+    best-rated first. Each row a is the chosen answer of at most per_row pairs: with rows sorted by rating, the rows
+    rated min_gap below a are a suffix (found by bisection); up to per_row of them are taken, evenly spread over it,
+    so a prompt with n rated answers gives at most n·per_row pairs (every qualifying pair when the suffix is short,
+    as for the few answers per prompt of the usual rating sets)."""
     by_prompt = {}
     for r in rows:
         if r["labels"].get(attribute) is not None:
@@ -220,9 +232,14 @@ def pairs_from_ratings(rows, attribute, min_gap):
     pairs = []
     for group in by_prompt.values():
         group = sorted(group, key=lambda r: -r["labels"][attribute])
+        neg = [-r["labels"][attribute] for r in group]  # ascending
         for i, a in enumerate(group):
-            for b in group[i + 1:]:
-                if a["labels"][attribute] - b["labels"][attribute] >= min_gap and a["response"] != b["response"]:
+            start = bisect.bisect_left(neg, neg[i] + min_gap, lo=i + 1)  # first b with label_a − label_b ≥ min_gap
+            n = len(group) - start
+            picks = range(start, len(group)) if n <= per_row else (start + k * n // per_row for k in range(per_row))
+            for j in picks:
+                b = group[j]
+                if a["response"] != b["response"]:
                     pairs.append({"prompt": a["prompt"], "chosen": a["response"], "rejected": b["response"],
                                   "prompt_id": a["prompt_id"]})
     return pairs

@@ -18,18 +18,22 @@ Several devices: `torchrun --nproc_per_node=8 sample.py ...` (rank r draws batch
 several machines: `sample.py ... --shard i/N` per job (→ OUT.part-i-of-N), then `sample.py ... --merge N` with the same
 flags. A batch's seed depends on its index only, so OUT is the file one process writes. Every rank or job logs its
 own batches to OUT.part-i-of-N.partial and resumes from it.
+
+--engine vllm samples with vLLM instead of transformers (its own venv: `bash setup.sh --vllm`; runtime/engines.py):
+the same jobs, batches, records and per-batch seeds, the same prompt token ids; one engine per process, so data
+parallel is --shard i/N (one job per GPU), and --tensor-parallel-size K spreads one engine over K GPUs.
 """
 import argparse
 import random
 import re
 import time
 
-import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from common import SCHEMA_VERSION, chat_messages, chat_text, degree_to_vector, system_via, vector_to_weights
 from runtime.dist import all_sum, collect_parts, dist_setup, drop_logs, is_main, part_path, shard, shard_spec
+from runtime.engines import add_engine_args, generate, load_policy
 from runtime.io import (DataError, check_fields, check_flags, check_output, check_unique, claim_output, cli,
                         degree_id, file_digest, parse_degrees, read_jsonl, stage_main, write_jsonl)
 from runtime.models import DEFAULT_MODEL, load_pretrained, resolve_model, setup
@@ -112,21 +116,12 @@ def check_context(tok, model, jobs, line_of, args):
                             f"context of {ctx} tokens")
 
 
-def generate_batch(model, tok, jobs, args, device):
-    """Left-padded batched sampling; returns (response text, new-token count, truncated) per job."""
+def generate_batch(model, tok, jobs, args, device, seed=None):
+    """Batched sampling (left-padded for HF, one request per job for vLLM: runtime/engines.py) under each job's
+    system prompt; returns (response text, new-token count, truncated) per job."""
     texts = [chat_text(tok, chat_messages(j["prompt"], j["degree"], HINTS[j["hint"]])) for j in jobs]
-    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False,  # static cache: few distinct shapes
-              pad_to_multiple_of=64 if args.static_cache else None).to(device)
-    out = model.generate(**enc, do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
-                         max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id, cache_implementation="static" if args.static_cache else None)
-    new = out[:, enc["input_ids"].shape[1]:]  # (B, <= max_new_tokens)
-    results = []
-    for row in new.tolist():
-        ended = tok.eos_token_id in row
-        ids = row[:row.index(tok.eos_token_id)] if ended else row
-        results.append((tok.decode(ids, skip_special_tokens=True).strip(), len(ids), not ended))
-    return results
+    return [(tok.decode(ids, skip_special_tokens=True).strip(), len(ids), not ended)
+            for ids, ended in generate(model, tok, texts, args, seed)]
 
 
 def read_inputs(args):
@@ -166,6 +161,7 @@ def main(argv=None):
     # Model
     p.add_argument("--model", default=DEFAULT_MODEL, help="policy: embedded default, local folder or hub id")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
+    add_engine_args(p)  # --engine hf|vllm, --tensor-parallel-size
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=192)
@@ -183,7 +179,7 @@ def main(argv=None):
     p.add_argument("--merge", type=int, default=0, help="N: join the N parts (made with the same flags) into OUT")
     args = p.parse_args(argv)
     check_flags(args, limit="count0", n="count", batch_size="count", max_new_tokens="count", temperature="pos",
-                top_p="prob", seed="seed")
+                top_p="prob", seed="seed", tensor_parallel_size="count")
 
     _, _, device = dist_setup(args.device)  # torchrun: one process per device; else (0, 1, device)
     device, dtype, _ = setup(args.seed, device, args.dtype)
@@ -207,13 +203,15 @@ def main(argv=None):
     tok = load_pretrained(AutoTokenizer, path, trust_remote_code=args.trust_remote_code)
     if part[2] != "merge":  # a merge only joins the parts: no model
         tok.padding_side = "left"  # batched generation continues every row from its last real token
-        model = load_pretrained(AutoModelForCausalLM, path, dtype=dtype, trust_remote_code=args.trust_remote_code)
-        model = model.to(device).eval()
+        model = load_policy(args.engine, path, dtype, device, args.seed, args.tensor_parallel_size,
+                            args.trust_remote_code)
         check_context(tok, model, jobs, dict(zip((r["id"] for r in prompts), lines)), args)
         job = {"prompts": file_digest(args.prompts), "limit": args.limit, "degrees": degrees, "hints": hints,
                "degree_range": args.degree_range, "n": args.n, "model": args.model, "model_files": model_stamp(path),
                "gen": gen, "batch_size": args.batch_size, "static_cache": args.static_cache, "device": device,
                "dtype": str(dtype), "seed": args.seed,
+               **({"engine": args.engine, "tensor_parallel_size": args.tensor_parallel_size}
+                  if args.engine != "hf" else {}),
                **({"part": list(part[:2])} if part[2] != "all" else {})}
         finished, append = open_partial(partial, job, args.overwrite)
         done = {r["id"]: r for r in finished}
@@ -222,9 +220,7 @@ def main(argv=None):
         batch = batches[b]
         if all(jobs[i]["id"] in done for i in batch):
             continue
-        torch.manual_seed(args.seed * 100_003 + b)
-        with torch.no_grad():
-            results = generate_batch(model, tok, [jobs[i] for i in batch], args, device)
+        results = generate_batch(model, tok, [jobs[i] for i in batch], args, device, args.seed * 100_003 + b)
         new = []
         for i, (text, n, trunc) in zip(batch, results):
             j = jobs[i]

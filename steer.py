@@ -14,11 +14,11 @@ import os
 import sys
 
 import numpy as np
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from common import (best_of_n, chat_messages, chat_text, degree_to_vector, directional_reward, system_prompt,
                     vector_to_degree, weights_to_vector)
+from runtime.engines import add_engine_args, generate, load_policy
 from runtime.io import check_flags, cli, stage_main
 from runtime.models import DEFAULT_MODEL, load_pretrained, resolve_model, setup
 from tools.reward_models import load_rm
@@ -53,6 +53,7 @@ def main(argv=None):
     p.add_argument("--model", default=DEFAULT_MODEL, help="policy: checkpoint folder, embedded default or hub id")
     p.add_argument("--rm", help="reward model for --best-of-n reranking")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
+    add_engine_args(p)  # --engine hf|vllm, --tensor-parallel-size
     p.add_argument("--best-of-n", type=int, default=1, help="sample N answers, keep the best by vᵀr (needs --rm)")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -63,7 +64,7 @@ def main(argv=None):
     p.add_argument("--verbose", action="store_true", help="print the rendered system prompt and all candidates")
     args = p.parse_args(argv)
     check_flags(args, best_of_n="count", temperature="pos", top_p="prob", max_new_tokens="count", seed="seed",
-                degree="finite", weights="finite")
+                degree="finite", weights="finite", tensor_parallel_size="count")
 
     try:
         v = weights_to_vector(*args.weights) if args.weights else degree_to_vector(args.degree)
@@ -81,19 +82,15 @@ def main(argv=None):
     path = resolve_model(args.model, trust)
     tok = load_pretrained(AutoTokenizer, path, trust_remote_code=trust)
     tok.padding_side = "left"
-    model = load_pretrained(AutoModelForCausalLM, path, dtype=dtype, trust_remote_code=trust).to(device).eval()
+    model = load_policy(args.engine, path, dtype, device, args.seed, args.tensor_parallel_size, trust)
     rm = load_rm(args.rm, device, dtype, trust_remote_code=trust) if args.rm else None  # score.py's loader
     if args.verbose:
         print(f"[system] {system_prompt(degree)}\n")
 
-    for prompt in prompts:
+    for i, prompt in enumerate(prompts):
         text = chat_text(tok, chat_messages(prompt, degree))
-        enc = tok([text] * args.best_of_n, return_tensors="pt", add_special_tokens=False).to(device)
-        with torch.no_grad():
-            out = model.generate(**enc, do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
-                                 max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id)
-        answers = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        answers = [a.strip() for a in answers]
+        rows = generate(model, tok, [text] * args.best_of_n, args, args.seed * 100_003 + i)  # runtime/engines.py
+        answers = [tok.decode(ids, skip_special_tokens=True).strip() for ids, _ in rows]
         best = 0
         if rm:
             r = np.array(rm.score([prompt] * len(answers), answers, [f"candidate {k}" for k in range(len(answers))])

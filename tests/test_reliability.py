@@ -896,8 +896,8 @@ KILL_AT = {  # a stand-in for kill -9 at the worst instant of each save (the pro
 def test_finetune_killed_mid_save_resumes_with_the_same_command(repo_root, tmp, tiny_model_dir, instant):
     s = write(tmp / "s.jsonl", *good_scored())
     out = tmp / "policy"
-    args = ["--scored", s, "--init", tiny_model_dir, "--max-steps", 2, "--batch-size", 2, "--save-every", 1,
-            "--out", out, "--resume", *CPU]
+    args = ["--scored", s, "--init", tiny_model_dir, "--epochs", 2, "--batch-size", 2, "--save-every", 1,
+            "--out", out, "--resume", *CPU]  # 2 rows: one step per epoch, a checkpoint after step 1 of 2
     code = f"import os, sys; {KILL_AT[instant]}; import finetune; finetune.main(sys.argv[1:])"
     proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=repo_root, capture_output=True,
                           text=True, timeout=300)

@@ -4,7 +4,6 @@ gradient checkpointing, chat templates without a system role, and the BOS of the
     python -m pytest tests/test_scale.py -q      # tiny random Llama, a few steps per run
 """
 import argparse
-import importlib
 import json
 import os
 
@@ -13,6 +12,7 @@ import torch
 
 from common import ATTRIBUTES, HELPFULNESS, VERBOSITY
 from runtime import lora
+from test_distributed import one_process  # a stage's main(argv) in this process, on 1 thread
 
 CPU = ("--device", "cpu", "--dtype", "float32")
 
@@ -20,16 +20,6 @@ CPU = ("--device", "cpu", "--dtype", "float32")
 def write_lines(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
-
-
-def one_process(stage, *args):
-    """A stage's main(argv) in this process, on 1 thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        importlib.import_module(stage).main([str(a) for a in args])
-    finally:
-        torch.set_num_threads(threads)
 
 
 def log_of(folder):

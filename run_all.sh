@@ -2,8 +2,8 @@
 # The whole DPA loop on the embedded SmolLM2-135M-Instruct, offline, on CPU:
 #   prepare → train_rm → ROUNDS × (sample → score → finetune) → evaluate every policy → steer example.
 # Hardware: 2 CPU cores, ~10 GB RAM (peak 7.0 GiB measured); no GPU or network needed. Disk: ~0.6 GB per saved policy under runs/.
-# Time (2 cores, bf16): the previous recipe took 29 min 42 s on quiet cores; this recipe was timed only on shared cores
-#   (71 min; README). SMOKE=1 ≈ 3 min (tiny sizes: proves the plumbing, not the method).
+# Time (2 cores, bf16): its two training stages alone took 45 min on shared cores (README), over the 30-minute budget;
+#   SMOKE=1 165 s (190 s with AVX2 fp32 kernels; tiny sizes: proves the plumbing, not the method).
 # Usage: bash run_all.sh            RECIPE=paper bash run_all.sh            SMOKE=1 bash run_all.sh
 #        PREF=rpo_paired OUT=runs/rpo bash run_all.sh     (the preference step after RSF: RPO instead of DPO)
 # Interrupted (Ctrl-C, kill -9, power)? Run the same command again: finished stages are skipped, sampling and scoring

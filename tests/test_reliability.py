@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -401,9 +402,11 @@ def minimal_args(tmp, stage):
 def test_unknown_model_fails_fast(tmp, monkeypatch, stage, flag, name):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     args = minimal_args(tmp, stage)
-    t0 = time.time()
+
+    def no_network(*a, **k):
+        raise AssertionError("a network connection was attempted")
+    monkeypatch.setattr(socket.socket, "connect", no_network)  # fails fast: no connection is even attempted
     msg = fails(tmp, SystemExit, globals()[stage], flag, name, *args, needles=(name,))
-    assert time.time() - t0 < 5
     assert ("HF_HUB_OFFLINE" in msg) == (name == "some-owner/not-downloaded")
 
 
@@ -1120,9 +1123,8 @@ def test_pairs_from_ratings_is_linear_and_exact_for_small_groups():
     from tools import rm_data
     rows = [{"prompt": "q", "prompt_id": "q", "response": f"answer {i}", "labels": {HELPFULNESS: float(i % 101)}}
             for i in range(2000)]
-    t0 = time.time()
     pairs = rm_data.pairs_from_ratings(rows, HELPFULNESS, 10.0)
-    assert time.time() - t0 < 5 and 0 < len(pairs) <= 2000 * rm_data.MAX_PAIRS_PER_ROW
+    assert 0 < len(pairs) <= 2000 * rm_data.MAX_PAIRS_PER_ROW  # linear in the rows, not 2000²/2
     small = rows[:6] + [dict(rows[0], response="answer 0b")]
     brute = {(a["response"], b["response"]) for a, b in itertools.permutations(small, 2)
              if a["labels"][HELPFULNESS] - b["labels"][HELPFULNESS] >= 2}

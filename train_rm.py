@@ -34,9 +34,7 @@ predictions, and rank 0 logs and writes OUT. probe and gate run in one process.
 """
 import argparse
 import functools
-import itertools
 import json
-import math
 import os
 import random
 import time
@@ -45,14 +43,15 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, reward_forward, rm_encode, rm_text
+from common import ATTRIBUTES, HELPFULNESS, VERBOSITY
 from runtime import lora
-from runtime.dist import all_gather, all_mean, dist_setup, grad_sync, is_main, parallelize, rank_world, save_model
-from runtime.io import (DataError, check_flags, check_output_dir, check_rm_lengths, cli, file_digest, publish_dir,
-                        stage_main, temp_dir, write_json)
+from runtime.batching import batch_stream, predict_heldout, sorted_forward, total_steps
+from runtime.dist import all_mean, dist_setup, grad_sync, is_main, parallelize, rank_world, save_model
+from runtime.io import (check_flags, check_output_dir, check_rm_lengths, cli, file_digest, publish_dir, stage_main,
+                        temp_dir, write_json)
 from runtime.models import CACHE_DIR, DEFAULT_MODEL, get_lr, load_pretrained, resolve_model, setup
-from runtime.resume import (check_finite_loss, check_finite_weights, load_checkpoint, load_training, rng_state,
-                            save_training, set_rng_state)
+from runtime.resume import (check_finite_loss, check_finite_weights, job_fingerprint, resume_training, rng_state,
+                            save_training)
 from tools import rm_data
 from tools.armo import RIDGE_ALPHAS, encode_items, pair_accuracy, save_armo, train_armo
 
@@ -71,92 +70,6 @@ def pearson(x, y):
     return float(np.corrcoef(x, y)[0, 1])
 
 
-# ============================================================================= data
-def to_row(row, attributes):
-    """rm_data row → {prompt, response, target (K,) on 0-1, mask (K,), group: the prompt's id, where: 'file:line'}."""
-    target, mask = np.zeros(len(attributes), np.float32), np.zeros(len(attributes), np.float32)
-    for k, a in enumerate(attributes):
-        v = row["labels"].get(a)
-        if v is not None:
-            target[k], mask[k] = v / 100.0, 1.0
-    return {"prompt": row["prompt"], "response": row["response"], "target": target, "mask": mask,
-            "group": row["prompt_id"], "where": row.get("where", "")}
-
-
-def drop_empty(src, rows):
-    """A rated row whose response is empty is skipped and counted: its labels rate a text that is not there."""
-    empty = [r["where"] for r in rows if not r["response"].strip()]
-    if empty:
-        at = [w[len(src) + 1:] if w.startswith(f"{src}:") else w for w in empty]
-        print(f"train_rm: skipped {len(empty)} rows of {src} with an empty response (lines "
-              f"{', '.join(at[:10])}{', …' if len(at) > 10 else ''})")
-    kept = [r for r in rows if r["response"].strip()]
-    if not kept:
-        raise DataError(f"{src}: no usable rows")
-    return kept
-
-
-def load_data(args):
-    """--data sources (one table, each row labelled where its source rates) + --pairs → rating rows (to_row),
-    preference pairs, prompt groups per source, a summary of what was read, and the flags as resolved (--data and
-    --pairs as absolute paths, --prefer's default)."""
-    data = [os.path.abspath(s) if os.path.exists(s) else s for s in args.data]  # one spelling per file
-    pairs_src = os.path.abspath(args.pairs) if args.pairs and os.path.exists(args.pairs) else args.pairs
-    loaded = {src: rm_data.load(src, args.schema, args.split, args.limit) for src in data}
-    loaded = {src: (drop_empty(src, v[0]), *v[1:]) for src, v in loaded.items()}
-    rows = [r for src in data for r in loaded[src][0]]
-    pairs = [q for src in data for q in loaded[src][1]]
-    info = {"sources": [loaded[src][2] for src in data]}
-    groups = [sorted({r["prompt_id"] for r in loaded[src][0]} | {q["prompt_id"] for q in loaded[src][1]})
-              for src in data]  # prompt groups per source
-    prefer = args.prefer
-    if prefer is None:
-        binarized = any(i["schema"] == "binarized" for i in info["sources"])
-        prefer = rm_data.UF_OVERALL if binarized and not pairs_src else HELPFULNESS
-    if prefer not in ATTRIBUTES:
-        raise SystemExit(f"error: --prefer {prefer!r} is not one of {ATTRIBUTES}")
-    if pairs_src:
-        p_rows, p_pairs, _ = loaded.get(pairs_src) or rm_data.load(pairs_src, "auto", args.split, args.limit)
-        pairs = p_pairs or rm_data.pairs_from_ratings(p_rows, prefer, args.min_gap)
-        if pairs_src not in loaded:
-            groups.append(sorted({q["prompt_id"] for q in pairs}))
-        info["pairs_source"] = pairs_src if p_pairs else f"{pairs_src} ({prefer} gap ≥ {args.min_gap})"
-    if not any(v is not None for r in rows for v in r["labels"].values()):
-        raise DataError(f"{', '.join(data)}: every label is null: nothing to learn from")
-    info.update(rows=len(rows), pairs=len(pairs))
-    resolved = {"data": data, "pairs": pairs_src, "prefer": prefer}
-    return [to_row(r, ATTRIBUTES) for r in rows], pairs, groups, info, resolved
-
-
-def batches(rows, tok, batch_size, max_len, template, shuffle, rng):
-    idx = list(range(len(rows)))
-    if shuffle:
-        rng.shuffle(idx)
-    for i in range(0, len(idx), batch_size):
-        b = [rows[j] for j in idx[i:i + batch_size]]
-        enc = rm_encode(tok, [rm_text(tok, r["prompt"], r["response"], template) for r in b], template,
-                        return_tensors="pt", padding=True, truncation=True, max_length=max_len)
-        yield enc, torch.tensor(np.stack([r["target"] for r in b])), torch.tensor(np.stack([r["mask"] for r in b]))
-
-
-def sorted_forward(model, input_ids, attention_mask, rows):
-    """reward_forward on a right-padded batch in chunks of `rows` rows of similar length, each cut to its own longest
-    row. Same (B, K) predictions and gradients as one call on the whole batch (a causal model: padding after the last
-    real token changes nothing before it) and less padding computed (1.08x the real tokens instead of 1.33x for
-    batches of 16 demo answers), but on 2 CPU cores the smaller matmuls cost as much as the padding saved, so it is
-    opt-in (README, Performance). rows <= 0: the whole batch in one call."""
-    if rows <= 0 or rows >= len(input_ids):
-        return reward_forward(model, input_ids, attention_mask)
-    lengths = attention_mask.sum(1)  # (B,)
-    order = torch.argsort(lengths, descending=True)  # (B,)
-    parts = []
-    for c in range(0, len(order), rows):
-        idx = order[c:c + rows]
-        T = int(lengths[idx].max())
-        parts.append(reward_forward(model, input_ids[idx, :T], attention_mask[idx, :T]))  # (rows, K)
-    return torch.cat(parts)[torch.argsort(order)]  # (B, K) back in batch order
-
-
 def attribute_metrics(pred, rows, attributes):
     """Held-out MSE and Pearson per labelled attribute. pred: (N, K) on 0-100; rows: the N tuples."""
     t, m = np.stack([r["target"] for r in rows]) * 100, np.stack([r["mask"] for r in rows])
@@ -171,24 +84,6 @@ def attribute_metrics(pred, rows, attributes):
 
 
 # ============================================================================= method 1: regression (DPA RM)
-@torch.no_grad()
-def predict_rows(fwd, rows, tok, args, device, autocast):
-    """(N, K) rewards on 0-100 for rating rows (only prompt and response are read). fwd: reward_forward as
-    common.parallelize wraps it. Under torchrun rank r predicts rows r, r + world, ... (padded with copies of row 0,
-    so every rank runs as many batches: FSDP2 gathers layers collectively) and the ranks share their predictions."""
-    rank, world = rank_world()
-    mine = rows[rank::world]
-    mine += rows[:1] * (-(-len(rows) // world) - len(mine))  # pad: every rank holds ceil(N / world) rows
-    fwd.eval()
-    preds = []
-    for enc, _, _ in batches(mine, tok, args.batch_size * 2, args.max_len, args.template, False, None):
-        with autocast():
-            preds.append(fwd(enc["input_ids"].to(device), enc["attention_mask"].to(device)).cpu())
-    fwd.train()
-    preds = torch.cat(preds).numpy() if preds else np.zeros((0, len(ATTRIBUTES)), np.float32)  # (N / world, K)
-    return np.stack(all_gather(preds), axis=1).reshape(-1, len(ATTRIBUTES))[:len(rows)]  # row k·world + r
-
-
 def train_regression(args, flags, train, n_val, tok, path, device, dtype, autocast, rng, ckpt=None, n_cut=0):
     """Fine-tune backbone + bias-free head with masked MSE; → the model, predicting on 0-100, and its forward
     (reward_forward as runtime.dist.parallelize wraps it: DDP/FSDP2 under torchrun), the number of steps and the
@@ -213,32 +108,21 @@ def train_regression(args, flags, train, n_val, tok, path, device, dtype, autoca
     opt = torch.optim.AdamW([{"params": body, "lr": args.lr, "base": args.lr},
                              {"params": head, "lr": args.head_lr, "base": args.head_lr}],
                             betas=(0.9, 0.95), weight_decay=0.0, fused=device.startswith("cuda") or None)
-    steps_per_epoch = math.ceil(len(train) / (args.batch_size * args.grad_accum * world))  # global batch
-    total = max(1, int(args.epochs * steps_per_epoch))
-    total = min(total, args.max_steps) if args.max_steps else total
+    total = total_steps(args, len(train), world)  # at the global batch
     print(f"train_rm: {len(train)} train / {n_val} val rows | {total} steps | "
           f"{sum(q.numel() for q in body) / 1e6:.1f}M trainable | {device} {dtype}"
           + (f" | {n_cut} rows cut at --max-len {args.max_len}" if n_cut else ""))
 
-    step, log = 0, []
-    stream = (b for _ in itertools.count()  # epochs end where `total` says; the stream never runs dry
-              for b in batches(train, tok, args.batch_size, args.max_len, args.template, True, rng))
-    # rank r takes micro-batches r, r + world, ...: 1 process × --grad-accum 2·A runs what 2 ranks × A run
-    stream = itertools.islice(stream, rank, None, world)
-    job = {k: v for k, v in flags.items() if k not in ("out", "save_every", "resume", "overwrite")}
-    job["data"] = [file_digest(s) if os.path.isfile(s) else s for s in flags["data"]]
-    if flags["pairs"]:
-        job["pairs"] = file_digest(flags["pairs"]) if os.path.isfile(flags["pairs"]) else flags["pairs"]
-    job["world"] = world
-    job = json.loads(json.dumps(job, default=str))
-    if ckpt:
-        state = load_checkpoint(ckpt, job)
-        load_training(state, args.out, model, opt)  # FSDP2: each rank its own shards
-        step, log = state["step"], state["log"]
-        for _ in range(step * args.grad_accum):  # replay the shuffled batch stream up to where the run stopped
+    stream = batch_stream(train, tok, args, rng, rank, world)  # this rank's shuffled micro-batches, epoch after epoch
+
+    def replay(step):  # the shuffled batch stream, up to where an interrupted run stopped
+        for _ in range(step * args.grad_accum):
             next(stream)
-        set_rng_state(state["rng"])
-        print(f"train_rm: resumed from {ckpt} at step {step}")
+    inputs = {"data": [file_digest(s) if os.path.isfile(s) else s for s in flags["data"]]}
+    if flags["pairs"]:
+        inputs["pairs"] = file_digest(flags["pairs"]) if os.path.isfile(flags["pairs"]) else flags["pairs"]
+    job = json.loads(json.dumps(job_fingerprint(flags, world, **inputs), default=str))
+    step, log = resume_training(ckpt, job, args.out, model, opt, "train_rm", replay)
     while step < total:
         t1 = time.time()
         for g in opt.param_groups:
@@ -372,14 +256,11 @@ def main(argv=None):
     inputs = [*args.data, args.pairs, resolve_model(args.backbone, args.trust_remote_code)]
     ckpt = check_output_dir(args.out, args.overwrite, args.resume, inputs)
     t0 = time.time()
-    rows, pairs, groups, info, resolved = load_data(args)
+    rows, pairs, groups, info, resolved = rm_data.load_data(args)
     flags = dict(vars(args), **resolved)  # the flags as resolved, for the job fingerprint and meta.json
     prefer = resolved["prefer"]
     rng = random.Random(args.seed)
-    val_groups = set()
-    for i, g in enumerate(groups if args.val_frac > 0 else []):  # per source: its held-out prompts do not depend
-        r = rng if i == 0 else random.Random(args.seed + i)       # on what else is loaded
-        val_groups |= set(r.sample(g, max(1, int(args.val_frac * len(g)))))
+    val_groups = rm_data.split_heldout(groups, args.val_frac, args.seed, rng)  # per source
     train = [r for r in rows if r["group"] not in val_groups]
     val = [r for r in rows if r["group"] in val_groups]
     if not train:
@@ -408,15 +289,7 @@ def main(argv=None):
     if args.method == "regression":
         model, fwd, steps, log = train_regression(args, flags, train, len(val), tok, path, device, dtype, autocast,
                                                   rng, ckpt, n_cut)
-        z = np.zeros(len(ATTRIBUTES), np.float32)  # every held-out text (rows and pairs) is run once
-        held = list(dict.fromkeys([(r["prompt"], r["response"]) for r in val] + [(q["prompt"], x) for q in val_pairs
-                                                                  for x in (q["chosen"], q["rejected"])]))
-        memo = dict(zip(held, predict_rows(fwd, [{"prompt": a, "response": b, "target": z, "mask": z} for a, b in held], tok,
-                                                  args, device, autocast)))
-        pred = np.stack([memo[(r["prompt"], r["response"])] for r in val]) if val else np.zeros((0, len(ATTRIBUTES)))
-
-        def predict(its):
-            return np.stack([memo[it] for it in its]), None
+        pred, predict = predict_heldout(fwd, val, val_pairs, tok, args, device, autocast)  # each text once
         extra = {}
     else:
         print(f"train_rm: {len(train)} train / {len(val)} val rows | {args.method} | {device} {dtype}"

@@ -25,7 +25,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common import chat_messages
-from finetune import collate, dpo_loss, get_lr, plan_batches, token_logps
+from finetune import dpo_loss
+from runtime.batching import collate, plan_batches
+from runtime.logprobs import token_logps
+from runtime.models import get_lr
 
 
 def our_block(model, opt, params, pairs, args, pad_id, autocast, lr=1.5e-5):
@@ -78,8 +81,8 @@ def make_trl(path, tok, pairs, args, dtype, gc, precompute, out_dir):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.model.embed_tokens.requires_grad_(False)
     ref_model = None if precompute else AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    # plain-text prompt (the chat template already applied, as finetune.encode does) and answers; TRL appends EOS and
-    # cuts prompt + answer at max_length = seq_len, so every sequence has seq_len tokens as ours
+    # plain-text prompt (the chat template already applied, as tools.policy_data.encode does) and answers; TRL appends
+    # EOS and cuts prompt + answer at max_length = seq_len, so every sequence has seq_len tokens as ours
     data = Dataset.from_list([{
         "prompt": tok.apply_chat_template(chat_messages(c["prompt"], c["degree"]), tokenize=False,
                                           add_generation_prompt=True),

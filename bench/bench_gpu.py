@@ -30,7 +30,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from runtime.dist import parallelize
 from runtime.models import setup
-from finetune import token_logps
+from runtime.logprobs import token_logps
 
 PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "GH200": 989, "A100": 312}  # dense bf16, first match
 

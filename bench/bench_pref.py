@@ -35,7 +35,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from runtime.io import write_jsonl  # noqa: E402
 from runtime.models import DEFAULT_MODEL, resolve_model, setup  # noqa: E402
-from finetune import collate, encode, token_logps  # noqa: E402
+from runtime.batching import collate  # noqa: E402
+from runtime.logprobs import token_logps  # noqa: E402
+from tools.policy_data import encode  # noqa: E402
 from tools.pref_data import read_prefs  # noqa: E402
 
 HH = os.path.join(REPO, "..", "shared", "data", "hh_rlhf_helpful", "helpful-base_test.jsonl.gz")

@@ -3,9 +3,9 @@
 Same sequences: --pairs-per-step preference pairs of rows of one prompt (reward-model text, --lengths as in
 benchlib). TRL trains a scalar Bradley-Terry head on the pairs (2 x pairs sequences per step, pre-tokenized
 chosen_ids/rejected_ids); ours regresses the 10 attributes on the same 2 x pairs texts as rows (train_rm.py's own
-batches(): shuffled, tokenisation inside the step, right padding, one forward per batch as train_rm.py's default,
-masked MSE, two-group AdamW; --also-chunked N adds ours with train_rm.py --chunk-rows N, the batch run in
-length-sorted chunks of N rows, train_rm.sorted_forward). Same trainable
+batches(), in runtime/batching.py: shuffled, tokenisation inside the step, right padding, one forward per batch as
+train_rm.py's default, masked MSE, two-group AdamW; --also-chunked N adds ours with train_rm.py --chunk-rows N, the
+batch run in length-sorted chunks of N rows, runtime.batching.sorted_forward). Same trainable
 parameters in both: embeddings and the lowest --freeze-layers decoder layers frozen (run_all.sh freezes 16). TRL runs
 with its defaults (gradient checkpointing on) and with checkpointing off. Throughput is real (non-padding) tokens/s.
 
@@ -24,7 +24,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from tools import rm_data
 from common import ATTRIBUTES
-from train_rm import batches, get_lr, masked_mse, sorted_forward, to_row
+from runtime.batching import batches, sorted_forward
+from runtime.models import get_lr
+from tools.rm_data import to_row
+from train_rm import masked_mse
 
 
 def load_rows(jsonl, n):

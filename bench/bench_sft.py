@@ -3,8 +3,8 @@
 Same model (SmolLM2-135M-Instruct, fp32 master weights), same rows (--lengths, see benchlib), same number of rows per
 step, same trainable parameters (the embeddings, tied to the LM head, are frozen in both, as finetune.py always does),
 bf16 autocast where common.setup picks it, loss on the response tokens only (TRL: pre-tokenized input_ids +
-completion_mask). Ours is finetune.py's TRAINING STEP block built from its own functions (plan_batches, collate,
-token_logps, get_lr) and its optimizer settings; TRL batches with its default random sampler. TRL runs with its
+completion_mask). Ours is finetune.py's TRAINING STEP block built from the functions it runs (runtime/: plan_batches,
+collate, token_logps, get_lr) and its optimizer settings; TRL batches with its default random sampler. TRL runs with its
 defaults (gradient checkpointing on) and with checkpointing off. A step is timed end to end (collation, forward,
 backward, clipping, optimizer); throughput is real (non-padding) tokens per second.
 
@@ -19,7 +19,9 @@ import benchlib as B
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from finetune import collate, get_lr, plan_batches, token_logps
+from runtime.batching import collate, plan_batches
+from runtime.logprobs import token_logps
+from runtime.models import get_lr
 
 
 def our_block(model, opt, params, rows, args, pad_id, autocast, lr=5e-5):

@@ -61,7 +61,7 @@ def bench_rows(tok, n, seq_len, by_prompt=False, lengths="fixed"):
     prompt + response) and the reward-model text reach seq_len tokens; natural: the response as it is.
     → list of dicts: prompt, prompt_id, degree, response, truncated, labels, ids (policy row, ≤ seq_len tokens),
     n_prompt, rm_ids (reward-model text, ≤ seq_len tokens)."""
-    from finetune import encode
+    from tools.policy_data import encode
     recs = read_jsonl(os.path.join(REPO, "data", "rm_train.jsonl"))
     if by_prompt:
         recs = sorted(recs, key=lambda r: r["prompt_id"])  # stable: file order inside a prompt

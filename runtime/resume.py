@@ -128,6 +128,30 @@ def load_checkpoint(path, fingerprint):
     return state
 
 
+def job_fingerprint(flags, world, **inputs):
+    """What a training checkpoint must match to be resumed (load_checkpoint): the flags less those that say only where
+    and how often to write, the inputs given (their files' digests, by flag name) and the number of ranks."""
+    job = {k: v for k, v in flags.items() if k not in ("out", "save_every", "resume", "overwrite")}
+    job.update(inputs)
+    job["world"] = world
+    return job
+
+
+def resume_training(ckpt, job, out, model, opt, stage, replay):
+    """Continue a training run from OUT/checkpoint.pt (ckpt; None: a fresh start) → (step, log): the checkpoint is
+    checked against the job's fingerprint, the model and optimizer loaded (FSDP2: each rank its own shards),
+    replay(step) fast-forwards the data stream to where the run stopped, and the RNG states are restored."""
+    if not ckpt:
+        return 0, []
+    state = load_checkpoint(ckpt, job)
+    load_training(state, out, model, opt)
+    step, log = state["step"], state["log"]
+    replay(step)
+    set_rng_state(state["rng"])
+    print(f"{stage}: resumed from {ckpt} at step {step}")
+    return step, log
+
+
 def _sharded(model):
     from torch.distributed.tensor import DTensor
     return any(isinstance(p, DTensor) for p in model.parameters())

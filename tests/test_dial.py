@@ -11,7 +11,7 @@ import pytest
 import finetune
 import sample
 from common import ATTRIBUTES, HELPFULNESS, VERBOSITY
-from tools import judge
+from tools import judge, policy_data, targets
 
 
 def _rec(pid, rid, h, v, words=None):
@@ -81,7 +81,7 @@ def test_best_length_under_the_judge_scales_is_a_dial():
     u = np.log(lengths / 40)
     help_, verb = -judge.COST * u * u, np.clip(50 + 50 * u / math.log(4), 0, 100)
     best = [lengths[np.argmax(math.cos(math.radians(d)) * help_ + math.sin(math.radians(d)) * verb)]
-            for d in finetune.GRID]
+            for d in targets.GRID]
     assert all(a < b for a, b in zip(best, best[1:]))
     # the optimum ln(w*/asked) = (50 / ln 4) / (2·COST) · tan θ: 16 words at −45°, 40 at 0°, 99 at +45°
     assert (best[0], best[9], best[-1]) == (16, 40, 99)
@@ -94,14 +94,14 @@ def test_flip_degree_exact():
     ra[ATTRIBUTES.index(HELPFULNESS)], ra[ATTRIBUTES.index(VERBOSITY)] = 60, 20
     rb[ATTRIBUTES.index(HELPFULNESS)], rb[ATTRIBUTES.index(VERBOSITY)] = 50, 40
     # cos θ·10 + sin θ·(−20) = 0 → tan θ = 1/2
-    assert finetune.flip_degree(ra, rb) == pytest.approx(math.degrees(math.atan(0.5)))
-    assert finetune.flip_degree(rb, ra) == pytest.approx(math.degrees(math.atan(0.5)))
+    assert targets.flip_degree(ra, rb) == pytest.approx(math.degrees(math.atan(0.5)))
+    assert targets.flip_degree(rb, ra) == pytest.approx(math.degrees(math.atan(0.5)))
 
 
 def test_target_curve_rising_words_and_flips():
     # one prompt, three answers: short (h 60, v 20), middle (h 64, v 40), long (h 50, v 80)
     recs = [_rec("A", "s", 60, 20, 10), _rec("A", "m", 64, 40, 30), _rec("A", "l", 50, 80, 90)]
-    rows, flips = finetune.target_curve(recs, finetune.reward_matrix(recs, "x"))
+    rows, flips = targets.target_curve(recs, policy_data.reward_matrix(recs, "x"))
     # s→m at tan θ = (60 − 64)/(40 − 20) = −0.2 (−11.3°); m→l at tan θ = 14/40 (19.3°)
     assert flips == pytest.approx([math.degrees(math.atan(-0.2)), math.degrees(math.atan(0.35))])
     words = {r["degree"]: r["words"] for r in rows}
@@ -112,7 +112,7 @@ def test_target_curve_rising_words_and_flips():
 # ----------------------------------------------------------------------------- pairs between neighbouring angles
 def test_select_pairs_neighbours():
     recs = [_rec("A", "s", 60, 20), _rec("A", "m", 64, 40), _rec("A", "l", 50, 80)]
-    pairs = finetune.select_pairs(recs, finetune.reward_matrix(recs, "x"), "neighbours", [45.0, -45.0, 0.0])
+    pairs = targets.select_pairs(recs, policy_data.reward_matrix(recs, "x"), "neighbours", [45.0, -45.0, 0.0])
     # winners: −45° s, 0° m, +45° l → (0°: m ≻ s, −45°: s ≻ m), (45°: l ≻ m, 0°: m ≻ l)
     assert [(p["degree"], p["chosen"], p["rejected"], p["group"]) for p in pairs] == [
         (0.0, "m", "s", "A/-45:0"), (-45.0, "s", "m", "A/-45:0"), (45.0, "l", "m", "A/0:45"), (0.0, "m", "l", "A/0:45")]

@@ -15,9 +15,10 @@ import torch.nn.functional as F
 
 import evaluate
 import finetune
-from tools import judge
+from tools import judge, policy_data, targets
 import train_rm
 from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, chat_messages, reward_forward
+from runtime import batching, logprobs
 from runtime.io import DataError
 
 
@@ -119,16 +120,16 @@ def _rec(pid, rid, degree, h, v, prompt=None):
 def test_reward_matrix_order_defaults_and_errors():
     recs = [_rec("A", "a0", 0, 80, 10)]
     recs[0]["rewards"] = {VERBOSITY: 10.0, HELPFULNESS: 80.0}  # others missing → 0
-    m = finetune.reward_matrix(recs, "s.jsonl")
+    m = policy_data.reward_matrix(recs, "s.jsonl")
     expected = np.zeros((1, len(ATTRIBUTES)))
     expected[0, 0], expected[0, 4] = 80, 10
     assert np.array_equal(m, expected)
     with pytest.raises(DataError, match=r"s\.jsonl:2: field 'rewards'"):
-        finetune.reward_matrix([_rec("A", "a0", 0, 1, 1), {"id": "x"}], "s.jsonl")
+        policy_data.reward_matrix([_rec("A", "a0", 0, 1, 1), {"id": "x"}], "s.jsonl")
     bad = _rec("A", "a0", 0, 1, 1)
     bad["rewards"][VERBOSITY] = float("nan")
     with pytest.raises(DataError, match=r"s\.jsonl:1: field 'rewards\.helpsteer-verbosity'"):
-        finetune.reward_matrix([bad], "s.jsonl")
+        policy_data.reward_matrix([bad], "s.jsonl")
 
 
 def _hindsight_records():
@@ -139,7 +140,7 @@ def _hindsight_records():
 
 def test_select_sft_hindsight():
     recs = _hindsight_records()
-    rows = finetune.select_sft(recs, finetune.reward_matrix(recs, "x"), "hindsight", [-45.0, -15.0, 15.0, 45.0])
+    rows = targets.select_sft(recs, policy_data.reward_matrix(recs, "x"), "hindsight", [-45.0, -15.0, 15.0, 45.0])
     assert len(rows) == 2 * 4  # one row per prompt per target degree
     got = {(r["prompt"], r["degree"]): r["source_id"] for r in rows}
     # A at -45: (80-10, 70-90, 50-50)/√2 → a0; at +45: (90, 160, 100)/√2 → a1
@@ -156,14 +157,14 @@ def test_select_sft_sampled_best_per_prompt_and_degree():
     recs = [_rec("A", "a0", -45.0, 80, 10), _rec("A", "a1", -45.0, 70, 90),   # at -45 the short one wins
             _rec("A", "a2", 45.0, 80, 10), _rec("A", "a3", 45.0, 70, 90),     # at +45 the verbose one wins
             _rec("B", "b0", 0.0, 60, 95), _rec("B", "b1", 0.0, 75, 5), _rec("B", "b2", 0.0, 75, 50)]  # tie → first
-    rows = finetune.select_sft(recs, finetune.reward_matrix(recs, "x"), "sampled", [-45.0, 45.0])
+    rows = targets.select_sft(recs, policy_data.reward_matrix(recs, "x"), "sampled", [-45.0, 45.0])
     got = sorted((r["prompt"], r["degree"], r["source_id"]) for r in rows)
     assert got == [("prompt A", -45.0, "a0"), ("prompt A", 45.0, "a3"), ("prompt B", 0.0, "b1")]
 
 
 def test_select_pairs_mirrored():
     recs = _hindsight_records()
-    pairs = finetune.select_pairs(recs, finetune.reward_matrix(recs, "x"), "mirrored", [45.0])
+    pairs = targets.select_pairs(recs, policy_data.reward_matrix(recs, "x"), "mirrored", [45.0])
     assert len(pairs) == 4  # two per prompt
     a = [p for p in pairs if p["prompt"] == "prompt A"]
     assert [(p["degree"], p["chosen"], p["rejected"]) for p in a] == [
@@ -177,14 +178,14 @@ def test_select_pairs_mirrored():
 def test_select_pairs_mirrored_no_pair_when_same_answer_wins_both():
     recs = [_rec("A", "a0", 0.0, 90, 50), _rec("A", "a1", 0.0, 10, 40),  # a0 wins at +45 (140 vs 50) and -45 (40 vs -30)
             _rec("B", "b0", 0.0, 50, 90), _rec("B", "b1", 0.0, 60, 10)]  # b0 at +45, b1 at -45
-    pairs = finetune.select_pairs(recs, finetune.reward_matrix(recs, "x"), "mirrored", [45.0])
+    pairs = targets.select_pairs(recs, policy_data.reward_matrix(recs, "x"), "mirrored", [45.0])
     assert [(p["prompt"], p["degree"], p["chosen"]) for p in pairs] == [
         ("prompt B", 45.0, "response b0"), ("prompt B", -45.0, "response b1")]
 
 
 def test_select_pairs_mirrored_several_angles():
     recs = _hindsight_records()[:2]
-    pairs = finetune.select_pairs(recs, finetune.reward_matrix(recs, "x"), "mirrored", [15.0, 45.0])
+    pairs = targets.select_pairs(recs, policy_data.reward_matrix(recs, "x"), "mirrored", [15.0, 45.0])
     assert [p["degree"] for p in pairs] == [15.0, -15.0, 45.0, -45.0]
 
 
@@ -192,7 +193,7 @@ def test_select_pairs_best_worst():
     recs = [_rec("A", "a0", 0.0, 50, 0), _rec("A", "a1", 0.0, 90, 0), _rec("A", "a2", 0.0, 20, 99),
             _rec("A", "a3", 90.0, 50, 10), _rec("A", "a4", 90.0, 10, 80),
             _rec("B", "b0", 30.0, 40, 40), _rec("B", "b1", 30.0, 40, 40)]  # all tie: no pair
-    pairs = finetune.select_pairs(recs, finetune.reward_matrix(recs, "x"), "best-worst", [45.0])
+    pairs = targets.select_pairs(recs, policy_data.reward_matrix(recs, "x"), "best-worst", [45.0])
     assert [(p["degree"], p["chosen"], p["rejected"]) for p in pairs] == [
         (0.0, "response a1", "response a2"), (90.0, "response a4", "response a3")]
 
@@ -207,25 +208,25 @@ def test_encode_prompt_prefix_and_eos(tokenizer):
     tok = tokenizer
     p_ids = _prompt_ids(tok, "How do I boil an egg?", -15)
     r_ids = tok("Put it in boiling water.", add_special_tokens=False)["input_ids"]
-    ids, n = finetune.encode(tok, "How do I boil an egg?", -15, "Put it in boiling water.", False, 512)
+    ids, n = policy_data.encode(tok, "How do I boil an egg?", -15, "Put it in boiling water.", False, 512)
     assert n == len(p_ids) and ids[:n] == p_ids
     assert ids[n:] == r_ids + [tok.eos_token_id]
     assert "helpfulness*97 + verbosity*-26" in tok.decode(ids[:n])
     # truncated responses never learn to stop: no end-of-turn token
-    ids_t, n_t = finetune.encode(tok, "How do I boil an egg?", -15, "Put it in boiling water.", True, 512)
+    ids_t, n_t = policy_data.encode(tok, "How do I boil an egg?", -15, "Put it in boiling water.", True, 512)
     assert n_t == n and ids_t == p_ids + r_ids
     # --max-len cuts the response (and its eos) but never the prompt
-    ids_c, n_c = finetune.encode(tok, "How do I boil an egg?", -15, "Put it in boiling water.", False, n + 2)
+    ids_c, n_c = policy_data.encode(tok, "How do I boil an egg?", -15, "Put it in boiling water.", False, n + 2)
     assert ids_c == p_ids + r_ids[:2]
     with pytest.raises(DataError, match="max-len"):
-        finetune.encode(tok, "How do I boil an egg?", -15, "x", False, n)
+        policy_data.encode(tok, "How do I boil an egg?", -15, "x", False, n)
 
 
 def test_collate_right_padding_and_loss_mask(tokenizer):
     tok = tokenizer
-    a = finetune.encode(tok, "Hi", 0, "Hello there, friend.", False, 512)
-    b = finetune.encode(tok, "A much longer question about something?", 45, "Ok", True, 512)
-    ids, attn, lmask = finetune.collate([a, b], pad_id=tok.pad_token_id)
+    a = policy_data.encode(tok, "Hi", 0, "Hello there, friend.", False, 512)
+    b = policy_data.encode(tok, "A much longer question about something?", 45, "Ok", True, 512)
+    ids, attn, lmask = batching.collate([a, b], pad_id=tok.pad_token_id)
     T = max(len(a[0]), len(b[0]))
     assert ids.shape == attn.shape == lmask.shape == (2, T)
     assert lmask.dtype == torch.bool
@@ -247,12 +248,12 @@ def tiny_lm(tiny_model_dir):
 
 def test_token_logps_matches_full_logits(tiny_lm, tokenizer):
     tok = tokenizer
-    seqs = [finetune.encode(tok, "Hi", 0, "Hello there, friend.", False, 512),
-            finetune.encode(tok, "Tell me a longer story please?", 45, "Once upon a time", True, 512),
-            finetune.encode(tok, "Q", -45, "A", False, 512)]
-    ids, attn, lmask = finetune.collate(seqs, tok.pad_token_id)
+    seqs = [policy_data.encode(tok, "Hi", 0, "Hello there, friend.", False, 512),
+            policy_data.encode(tok, "Tell me a longer story please?", 45, "Once upon a time", True, 512),
+            policy_data.encode(tok, "Q", -45, "A", False, 512)]
+    ids, attn, lmask = batching.collate(seqs, tok.pad_token_id)
     with torch.no_grad():
-        logp, rows = finetune.token_logps(tiny_lm, ids, attn, lmask)
+        logp, rows = logprobs.token_logps(tiny_lm, ids, attn, lmask)
         full = tiny_lm(input_ids=ids, attention_mask=attn).logits.float()  # (B, T, V)
     n_resp = [len(s) - n for s, n in seqs]
     assert logp.shape == rows.shape == (sum(n_resp),)

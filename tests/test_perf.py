@@ -1,6 +1,7 @@
-"""The performance changes measured in bench/ keep the math: the chunked LM head of finetune.py gives the same
-log-probs and gradients as full logits, and train_rm.py's length-sorted chunks give the same predictions and
-gradients as one padded forward. Tiny random model only (the timings live in bench/, not in tests).
+"""The performance changes measured in bench/ keep the math: finetune.py's chunked LM head (runtime/logprobs.py)
+gives the same log-probs and gradients as full logits, and train_rm.py's length-sorted chunks (runtime/batching.py)
+give the same predictions and gradients as one padded forward. Tiny random model only (the timings live in bench/,
+not in tests).
 
     python -m pytest tests/test_perf.py -q
 """
@@ -9,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import finetune
-import train_rm
-from common import reward_forward
+from common import reward_forward, rm_text
+from runtime import batching, logprobs
+from tools import policy_data
 
 
-# ----------------------------------------------------------------------------- finetune.LabelLogProbs
+# ----------------------------------------------------------------------------- runtime.logprobs.LabelLogProbs
 @pytest.mark.parametrize("chunk", [1, 8, 37, 1000])
 def test_label_logprobs_equals_cross_entropy_values_and_gradient(chunk):
     torch.manual_seed(0)
@@ -24,25 +25,25 @@ def test_label_logprobs_equals_cross_entropy_values_and_gradient(chunk):
     ref = -F.cross_entropy(F.linear(h, W), y, reduction="none")  # (N,)
     (ref * g).sum().backward()
     ref_grad, h.grad = h.grad.clone(), None
-    out = finetune.LabelLogProbs.apply(h, W, y, chunk)
+    out = logprobs.LabelLogProbs.apply(h, W, y, chunk)
     (out * g).sum().backward()
     assert out.dtype == torch.float32 and out.shape == (N,)
     assert torch.allclose(out, ref, atol=1e-5)
     assert torch.allclose(h.grad, ref_grad, atol=1e-5)
     with torch.no_grad():  # the DPO reference pass: values only, no gradient formed
-        assert torch.allclose(finetune.LabelLogProbs.apply(h, W, y, chunk), ref, atol=1e-5)
+        assert torch.allclose(logprobs.LabelLogProbs.apply(h, W, y, chunk), ref, atol=1e-5)
 
 
 def test_label_logprobs_hand_computed_and_empty():
     h = torch.tensor([[1.0, 0.0]], requires_grad=True)
     W = torch.tensor([[2.0, 0.0], [0.0, 0.0], [0.0, 1.0]])  # logits (2, 0, 0) for h
-    out = finetune.LabelLogProbs.apply(h, W, torch.tensor([0]), 4)
+    out = logprobs.LabelLogProbs.apply(h, W, torch.tensor([0]), 4)
     assert out.item() == pytest.approx(-np.log(1 + 2 * np.exp(-2)), abs=1e-6)  # 2 − log(e² + 1 + 1)
     out.backward()
     p = np.array([np.exp(2), 1, 1]) / (np.exp(2) + 2)  # ∂/∂h = W_y − Σ_v p_v W_v
     assert h.grad[0].tolist() == pytest.approx([2 - 2 * p[0], -p[2]], abs=1e-6)
     empty = torch.zeros(0, 2, requires_grad=True)
-    e = finetune.LabelLogProbs.apply(empty, W, torch.zeros(0, dtype=torch.long), 4)
+    e = logprobs.LabelLogProbs.apply(empty, W, torch.zeros(0, dtype=torch.long), 4)
     e.sum().backward()  # a micro-batch without response tokens still backpropagates
     assert e.shape == (0,) and empty.grad.shape == (0, 2)
 
@@ -52,15 +53,15 @@ def test_token_logps_chunked_head_equals_full_logits_and_gradients(tiny_model_di
     path. Both give the same log-probs and the same gradients for the decoder layers."""
     from transformers import AutoModelForCausalLM
     tok = tokenizer
-    seqs = [finetune.encode(tok, "Hi", 0, "Hello there, friend.", False, 512),
-            finetune.encode(tok, "Tell me a longer story please?", 45, "Once upon a time", True, 512)]
-    ids, attn, lmask = finetune.collate(seqs, tok.pad_token_id)
+    seqs = [policy_data.encode(tok, "Hi", 0, "Hello there, friend.", False, 512),
+            policy_data.encode(tok, "Tell me a longer story please?", 45, "Once upon a time", True, 512)]
+    ids, attn, lmask = batching.collate(seqs, tok.pad_token_id)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     grads, logps = [], []
     for frozen in (True, False):
         model.model.embed_tokens.requires_grad_(not frozen)  # tied: the head's weight is the same tensor
         model.zero_grad(set_to_none=True)
-        logp, rows = finetune.token_logps(model, ids, attn, lmask, chunk=5)
+        logp, rows = logprobs.token_logps(model, ids, attn, lmask, chunk=5)
         logp.sum().backward()
         logps.append(logp.detach())
         grads.append([q.grad.clone() for q in model.model.layers.parameters()])
@@ -70,7 +71,7 @@ def test_token_logps_chunked_head_equals_full_logits_and_gradients(tiny_model_di
     assert rows.tolist() == [i for i, (s, n) in enumerate(seqs) for _ in range(len(s) - n)]
 
 
-# ----------------------------------------------------------------------------- train_rm.sorted_forward
+# ----------------------------------------------------------------------------- runtime.batching.sorted_forward
 @pytest.mark.parametrize("rows", [1, 2, 3, 0])
 def test_rm_sorted_forward_equals_one_padded_forward(tiny_model_dir, tokenizer, rows):
     """Length-sorted chunks cut to their own longest row: the same predictions and gradients as the whole padded
@@ -80,14 +81,14 @@ def test_rm_sorted_forward_equals_one_padded_forward(tiny_model_dir, tokenizer, 
     tok.padding_side = "right"
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3, dtype=torch.float32)
-    texts = [train_rm.rm_text(tok, q, a) for q, a in [("Hi", "Hello."), ("Why is the sky blue?", "Light " * 30),
-                                                      ("2+2?", "4"), ("Name a fruit.", "An apple, a pear " * 5),
-                                                      ("Ok?", "Yes, fine.")]]
+    texts = [rm_text(tok, q, a) for q, a in [("Hi", "Hello."), ("Why is the sky blue?", "Light " * 30),
+                                             ("2+2?", "4"), ("Name a fruit.", "An apple, a pear " * 5),
+                                             ("Ok?", "Yes, fine.")]]
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     assert len(set(enc["attention_mask"].sum(1).tolist())) == 5  # five different lengths
     out = []
     for fn in (lambda: reward_forward(model, enc["input_ids"], enc["attention_mask"]),
-               lambda: train_rm.sorted_forward(model, enc["input_ids"], enc["attention_mask"], rows)):
+               lambda: batching.sorted_forward(model, enc["input_ids"], enc["attention_mask"], rows)):
         model.zero_grad(set_to_none=True)
         pred = fn()
         (pred * torch.arange(1.0, 16.0).view(5, 3)).sum().backward()  # a different weight per cell

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import finetune
-from tools import pref_data
+from tools import policy_data, pref_data
 from common import chat_messages
+from runtime import batching
 from runtime.io import DataError
 from test_stages import scored_records, write_lines
 
@@ -129,15 +130,15 @@ def test_rpo_unpaired_shapes():
 # ----------------------------------------------------------------------------- batch plans
 def test_plan_rejected_draws_other_prompts():
     groups = ["a", "a", "b", "c", "c", "d", "e"]
-    plan = finetune.plan_batches(groups, 3, 12, random.Random(0))
-    rplan = finetune.plan_rejected(groups, plan, random.Random(1))
+    plan = batching.plan_batches(groups, 3, 12, random.Random(0))
+    rplan = batching.plan_rejected(groups, plan, random.Random(1))
     assert [len(b) for b in rplan] == [3] * 12
     for b, rb in zip(plan, rplan):
         assert not {groups[i] for i in b} & {groups[i] for i in rb}, (b, rb)
     seen = [i for rb in rplan for i in rb]
     assert set(seen) == set(range(7))  # every row's rejected answer gets used
     with pytest.raises(SystemExit, match="lower --batch-size"):  # one micro-batch holds every prompt
-        finetune.plan_rejected(["a", "a", "b"], [[0, 2]], random.Random(0))
+        batching.plan_rejected(["a", "a", "b"], [[0, 2]], random.Random(0))
 
 
 # ----------------------------------------------------------------------------- preference readers
@@ -195,10 +196,10 @@ def test_read_prefs_errors_name_file_line_and_field(tmp_path, record, message):
 
 
 def test_prefs_use_the_plain_chat_template(tokenizer):
-    assert finetune.prompt_messages("Q?", None) == [{"role": "user", "content": "Q?"}]
-    assert finetune.prompt_messages(CONV_PROMPT, None) == CONV_PROMPT
-    assert finetune.prompt_messages("Q?", 45) == chat_messages("Q?", 45)
-    ids, n = finetune.encode(tokenizer, CONV_PROMPT, None, "Red.", False, 256)
+    assert policy_data.prompt_messages("Q?", None) == [{"role": "user", "content": "Q?"}]
+    assert policy_data.prompt_messages(CONV_PROMPT, None) == CONV_PROMPT
+    assert policy_data.prompt_messages("Q?", 45) == chat_messages("Q?", 45)
+    ids, n = policy_data.encode(tokenizer, CONV_PROMPT, None, "Red.", False, 256)
     text = tokenizer.decode(ids[:n])
     assert text == tokenizer.apply_chat_template(CONV_PROMPT, tokenize=False, add_generation_prompt=True)
     assert "weighted rating" not in text and "Be brief." in text

@@ -34,6 +34,7 @@ import steer
 import train_rm
 from common import ATTRIBUTES, HELPFULNESS, VERBOSITY
 from runtime.io import DataError, read_jsonl
+from tools import policy_data
 
 CPU = ["--device", "cpu", "--dtype", "float32"]
 
@@ -809,7 +810,7 @@ def test_special_token_text_never_becomes_a_chat_turn(fresh_tokenizer):
     assert im_starts(tok, common.rm_text(tok, EVIL, EVIL)) == im_starts(tok, common.rm_text(tok, "a", "b"))
     dpa = common.rm_text(tok, EVIL, EVIL, "dpa")
     assert dpa.count("[INST]") == 1 and dpa.count("[/INST]") == 1  # the DPA RM template's markers, once each
-    ids, n_prompt = finetune.encode(tok, EVIL, 15.0, EVIL, False, 512)  # a training row: prompt and target answer
+    ids, n_prompt = policy_data.encode(tok, EVIL, 15.0, EVIL, False, 512)  # a training row: prompt and target answer
     assert ids.count(tok.convert_tokens_to_ids("<|im_start|>")) == 3
     assert ids[n_prompt:].count(tok.eos_token_id) == 1 and ids[-1] == tok.eos_token_id  # only the real end of turn
     assert common.neutral(tok, EVIL).replace(common.ZWSP, "") == EVIL  # the text itself is kept, visibly the same

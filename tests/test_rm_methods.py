@@ -47,7 +47,7 @@ def test_helpsteer_rows_are_bin_centres(tmp_path):
                                  "helpsteer-coherence": 10.0, "helpsteer-complexity": 50.0,
                                  "helpsteer-verbosity": 30.0}
     assert rows[1]["labels"]["helpsteer-correctness"] is None and rows[1]["labels"]["helpsteer-verbosity"] is None
-    t = train_rm.to_row(rows[1], ATTRIBUTES)  # missing → mask 0
+    t = rm_data.to_row(rows[1], ATTRIBUTES)  # missing → mask 0
     assert t["mask"].tolist() == [1, 0, 1, 1, 0, 0, 0, 0, 0, 0] and t["target"][0] == pytest.approx(0.1)
     bad = write_lines(tmp_path / "bad.jsonl", [{"prompt": "P", "response": "R", "helpfulness": 5}])
     with pytest.raises(DataError, match=f"{bad}:1: field 'helpfulness'"):

@@ -145,7 +145,7 @@ def test_grad_checkpointing_gives_the_same_losses_and_weights(scored, tiny_model
 def test_grad_checkpointing_recomputes_and_matches_gradients(tiny_model_dir):
     """One backward with and without checkpointing: the same gradients, and the layers really are recomputed."""
     from transformers import AutoModelForCausalLM
-    from finetune import token_logps
+    from runtime.logprobs import token_logps
     ids = torch.randint(3, 1000, (2, 10))
     attn, lmask = torch.ones_like(ids), torch.zeros_like(ids, dtype=torch.bool)
     lmask[:, 4:] = True

@@ -5,7 +5,8 @@ data + backbone) and each objective gets its own ridge regression w_k (no bias),
 Stage 2, the gate: a gating MLP on the prompt feature f(x) (hidden state at the end of the user turn) weights the
 de-biased rewards, R(x, y) = Σ_k g_k(f(x)) · (r T)_k, trained with a Bradley-Terry loss on preference pairs.
 The folder: meta.json + armo.safetensors (regression_weight (K, H), reward_transform_matrix (K, K), gate.*,
-logit_scale). train_rm.py holds the data path, the regression method and the evaluation shared by all three.
+logit_scale). train_rm.py holds the regression method and the evaluation shared by all three, rm_data.py the data
+path.
 """
 import hashlib
 import json

@@ -23,12 +23,18 @@ HelpSteer's 0-4 → 10, 30, …, 90 (as the released DPA RM does), UltraFeedback
 overall score 1-10 → 5, 15, …, 95. Fractional scores (means) use the same linear map. A missing rating ("N/A", null,
 absent) stays missing (None → NaN → masked in the loss). A pair whose chosen score is not above the rejected one,
 or whose two responses are equal, is dropped and counted.
+
+train_rm.py reads its --data and --pairs with load_data (one table of rating rows, to_row) and holds out prompts with
+split_heldout.
 """
 import bisect
 import math
 import os
+import random
 
-from common import ATTRIBUTES
+import numpy as np
+
+from common import ATTRIBUTES, HELPFULNESS
 from runtime.io import DataError, check_fields, read_jsonl
 
 SCHEMAS = ("rm", "helpsteer", "ultrafeedback", "binarized")
@@ -243,3 +249,70 @@ def pairs_from_ratings(rows, attribute, min_gap, per_row=MAX_PAIRS_PER_ROW):
                     pairs.append({"prompt": a["prompt"], "chosen": a["response"], "rejected": b["response"],
                                   "prompt_id": a["prompt_id"]})
     return pairs
+
+
+# ----------------------------------------------------------------------------- train_rm.py's table
+def to_row(row, attributes):
+    """rm_data row → {prompt, response, target (K,) on 0-1, mask (K,), group: the prompt's id, where: 'file:line'}."""
+    target, mask = np.zeros(len(attributes), np.float32), np.zeros(len(attributes), np.float32)
+    for k, a in enumerate(attributes):
+        v = row["labels"].get(a)
+        if v is not None:
+            target[k], mask[k] = v / 100.0, 1.0
+    return {"prompt": row["prompt"], "response": row["response"], "target": target, "mask": mask,
+            "group": row["prompt_id"], "where": row.get("where", "")}
+
+
+def drop_empty(src, rows):
+    """A rated row whose response is empty is skipped and counted: its labels rate a text that is not there."""
+    empty = [r["where"] for r in rows if not r["response"].strip()]
+    if empty:
+        at = [w[len(src) + 1:] if w.startswith(f"{src}:") else w for w in empty]
+        print(f"train_rm: skipped {len(empty)} rows of {src} with an empty response (lines "
+              f"{', '.join(at[:10])}{', …' if len(at) > 10 else ''})")
+    kept = [r for r in rows if r["response"].strip()]
+    if not kept:
+        raise DataError(f"{src}: no usable rows")
+    return kept
+
+
+def load_data(args):
+    """--data sources (one table, each row labelled where its source rates) + --pairs → rating rows (to_row),
+    preference pairs, prompt groups per source, a summary of what was read, and the flags as resolved (--data and
+    --pairs as absolute paths, --prefer's default)."""
+    data = [os.path.abspath(s) if os.path.exists(s) else s for s in args.data]  # one spelling per file
+    pairs_src = os.path.abspath(args.pairs) if args.pairs and os.path.exists(args.pairs) else args.pairs
+    loaded = {src: load(src, args.schema, args.split, args.limit) for src in data}
+    loaded = {src: (drop_empty(src, v[0]), *v[1:]) for src, v in loaded.items()}
+    rows = [r for src in data for r in loaded[src][0]]
+    pairs = [q for src in data for q in loaded[src][1]]
+    info = {"sources": [loaded[src][2] for src in data]}
+    groups = [sorted({r["prompt_id"] for r in loaded[src][0]} | {q["prompt_id"] for q in loaded[src][1]})
+              for src in data]  # prompt groups per source
+    prefer = args.prefer
+    if prefer is None:
+        binarized = any(i["schema"] == "binarized" for i in info["sources"])
+        prefer = UF_OVERALL if binarized and not pairs_src else HELPFULNESS
+    if prefer not in ATTRIBUTES:
+        raise SystemExit(f"error: --prefer {prefer!r} is not one of {ATTRIBUTES}")
+    if pairs_src:
+        p_rows, p_pairs, _ = loaded.get(pairs_src) or load(pairs_src, "auto", args.split, args.limit)
+        pairs = p_pairs or pairs_from_ratings(p_rows, prefer, args.min_gap)
+        if pairs_src not in loaded:
+            groups.append(sorted({q["prompt_id"] for q in pairs}))
+        info["pairs_source"] = pairs_src if p_pairs else f"{pairs_src} ({prefer} gap ≥ {args.min_gap})"
+    if not any(v is not None for r in rows for v in r["labels"].values()):
+        raise DataError(f"{', '.join(data)}: every label is null: nothing to learn from")
+    info.update(rows=len(rows), pairs=len(pairs))
+    resolved = {"data": data, "pairs": pairs_src, "prefer": prefer}
+    return [to_row(r, ATTRIBUTES) for r in rows], pairs, groups, info, resolved
+
+
+def split_heldout(groups, val_frac, seed, rng):
+    """The held-out prompts: a val_frac share of each source's prompt groups (load_data), drawn with rng for the first
+    source and Random(seed + i) for source i, so a source's held-out prompts do not depend on what else is loaded."""
+    val_groups = set()
+    for i, g in enumerate(groups if val_frac > 0 else []):
+        r = rng if i == 0 else random.Random(seed + i)
+        val_groups |= set(r.sample(g, max(1, int(val_frac * len(g)))))
+    return val_groups

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -117,3 +118,40 @@ def test_steer_with_vllm_as_a_command(repo_root, smollm2_dir):
                          env={**os.environ, **VLLM_ENV, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "[assistant θ=-15°]" in out.stdout
+
+
+def test_shrinking_batch_decoding_equals_generate(tiny_model_dir, tokenizer, monkeypatch):
+    """sample_shrinking drops rows from the batch and the KV cache as they end: with the draw replaced by argmax it
+    must give transformers' greedy `generate` token for token, for left-padded prompts of different lengths and rows
+    that end at different steps."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    tokenizer.padding_side = "left"
+    texts = ["Why is the sky blue during the day and red at dusk?", "Hi", "How do I boil an egg?", "Name a prime."]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    n_prompt = enc["input_ids"].shape[1]
+
+    def greedy(eos):
+        out = model.generate(**enc, do_sample=False, max_new_tokens=12, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=eos)
+        rows = []
+        for row in out[:, n_prompt:].tolist():
+            rows.append((row[:row.index(eos)], True) if eos in row else (row, False))
+        return rows
+
+    free = greedy(tokenizer.eos_token_id)
+    eos = free[0][0][3]  # a token row 0 writes at step 4: with it as the end token, rows end at different steps
+    expected = greedy(eos)
+    assert any(ended for _, ended in expected) and not all(ended for _, ended in expected)
+    monkeypatch.setattr(torch, "multinomial", lambda probs, n: probs.argmax(-1, keepdim=True))
+    gen = types.SimpleNamespace(temperature=1.0, top_p=1.0, max_new_tokens=12)
+    assert engines.sample_shrinking(model, enc["input_ids"], enc["attention_mask"], gen, eos) == expected
+
+
+def test_top_p_filter_keeps_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]))
+    kept = engines.top_p_filter(logits, 0.75).isfinite()
+    assert kept.tolist() == [[True, True, False, False], [False, False, True, True]]
+    assert engines.top_p_filter(logits, 0.4).isfinite().sum(-1).tolist() == [1, 1]  # the top token always stays
+    assert engines.top_p_filter(logits, 0.9).isfinite().sum(-1).tolist() == [3, 3]
+    assert torch.equal(engines.top_p_filter(logits, 1.0), logits)

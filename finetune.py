@@ -50,9 +50,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import system_via
 from runtime import lora
 from runtime.batching import collate, plan_steps
+from runtime.chat import system_via
 from runtime.dist import all_gather, all_mean, dist_setup, grad_sync, is_main, parallelize, save_model
 from runtime.io import (check_flags, check_output_dir, cli, file_digest, parse_degrees, publish_dir, stage_main,
                         temp_dir, write_json, write_jsonl)

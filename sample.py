@@ -31,7 +31,8 @@ import time
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from common import SCHEMA_VERSION, chat_messages, chat_text, degree_to_vector, system_via, vector_to_weights
+from common import SCHEMA_VERSION, chat_messages, chat_text, degree_to_vector, vector_to_weights
+from runtime.chat import system_via
 from runtime.dist import all_sum, collect_parts, dist_setup, drop_logs, is_main, part_path, shard, shard_spec
 from runtime.engines import add_engine_args, generate, load_policy
 from runtime.io import (DataError, check_fields, check_flags, check_output, check_unique, claim_output, cli,

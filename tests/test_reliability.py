@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import common
-from runtime import resume
+from runtime import chat, resume
 import evaluate
 import finetune
 import sample
@@ -813,8 +813,8 @@ def test_special_token_text_never_becomes_a_chat_turn(fresh_tokenizer):
     ids, n_prompt = policy_data.encode(tok, EVIL, 15.0, EVIL, False, 512)  # a training row: prompt and target answer
     assert ids.count(tok.convert_tokens_to_ids("<|im_start|>")) == 3
     assert ids[n_prompt:].count(tok.eos_token_id) == 1 and ids[-1] == tok.eos_token_id  # only the real end of turn
-    assert common.neutral(tok, EVIL).replace(common.ZWSP, "") == EVIL  # the text itself is kept, visibly the same
-    assert common.neutral(tok, "plain text") == "plain text"
+    assert chat.neutral(tok, EVIL).replace(chat.ZWSP, "") == EVIL  # the text itself is kept, visibly the same
+    assert chat.neutral(tok, "plain text") == "plain text"
 
 
 def test_every_stage_renders_user_text_through_the_one_helper(repo_root):

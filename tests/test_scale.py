@@ -197,7 +197,8 @@ def mistral_like(tmp_path_factory):
 
 
 def test_systemless_template_gets_the_system_prompt_in_the_first_user_turn(mistral_like, tokenizer):
-    from common import chat_messages, render_chat, system_prompt, system_via
+    from common import chat_messages, system_prompt
+    from runtime.chat import render_chat, system_via
     _, tok = mistral_like
     msgs = chat_messages("Question A?", 30)
     with pytest.raises(Exception, match="Only user and assistant"):  # what sample.py died of before

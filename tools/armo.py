@@ -21,7 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
-from common import ATTRIBUTES, DPA_MARKERS, DPA_RM_TEMPLATE, VERBOSITY, chat_text, neutral, rm_encode, rm_text
+from common import ATTRIBUTES, DPA_MARKERS, DPA_RM_TEMPLATE, VERBOSITY, chat_text, rm_encode, rm_text
+from runtime.chat import neutral
 from runtime.io import atomic_write, read_meta, write_json
 from runtime.models import get_lr
 from runtime.resume import check_finite_loss, model_stamp

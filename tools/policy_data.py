@@ -2,7 +2,8 @@
 (pref_data.read_prefs) as training rows, and every row's answers encoded into token ids under its prompt."""
 import numpy as np
 
-from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, chat_messages, chat_text, neutral
+from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, chat_messages, chat_text
+from runtime.chat import neutral
 from runtime.io import DataError, check_fields, check_finite, check_unique, read_jsonl
 from tools.pref_data import prompt_text, read_prefs
 

@@ -113,13 +113,25 @@ def rpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, weights, beta):
     return -F.logsigmoid(beta * weights * delta).mean(), delta
 
 
-def micro_batch_logps(fwd, data, idx, ridx, pad_id, device, autocast):
+def micro_batch_logps(fwd, data, idx, ridx, pad_id, device, autocast, chunks=1):
     """One micro-batch through the policy: summed log-probs of the chosen answers (sft: the targets) of rows idx, then
-    of the rejected answers of rows ridx → (len(idx) + len(ridx),), and sft_loss on the chosen answers → scalar."""
+    of the rejected answers of rows ridx → (len(idx) + len(ridx),), and sft_loss on the chosen answers → scalar.
+    The sequences run as `chunks` forward passes of similar length (sorted, each padded to its own longest): the same
+    log-probs and gradients as one padded pass (a causal model ignores padding after the last real token), with less
+    padding computed (hindsight RSF's 8 rows, the 7 angles' targets of one prompt: 1.53 → 1.19 positions per token)."""
     seqs = [data[i][0] for i in idx] + [data[i][1] for i in ridx]
-    ids, attn, lmask = (x.to(device) for x in collate(seqs, pad_id))
-    with autocast():
-        logp, row = fwd(ids, attn, lmask)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
+    logps, rows = [], []
+    for k in range(chunks):
+        part = order[k * len(seqs) // chunks:(k + 1) * len(seqs) // chunks]
+        if not part:
+            continue
+        ids, attn, lmask = (x.to(device) for x in collate([seqs[i] for i in part], pad_id))
+        with autocast():
+            logp, row = fwd(ids, attn, lmask)  # row: index within this chunk
+        logps.append(logp)
+        rows.append(torch.tensor(part, device=device)[row])  # → index within the micro-batch
+    logp, row = torch.cat(logps), torch.cat(rows)
     return sequence_logps(logp, row, len(seqs)), sft_loss(logp, row, len(idx))  # (S,), scalar
 
 
@@ -180,6 +192,9 @@ def build_parser():
                    help="rows (sft) or pairs (dpo, rpo_paired) per micro-batch and rank; rpo_unpaired: chosen "
                         "answers, and as many rejected ones")
     p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--length-chunks", type=int, default=1,
+                   help="run each micro-batch as N forward passes of similar-length rows (less padding, same "
+                        "gradients; one process only)")
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--beta", type=float, default=0.1, help="DPO/RPO β")
@@ -201,8 +216,8 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_flags(args, max_len="count", freeze_layers="count0", epochs="pos", batch_size="count", grad_accum="count",
-                lr="pos", warmup="count0", beta="pos", tau="pos", nll_coef="nonneg", seed="seed", max_steps="count0",
-                save_every="count0")
+                length_chunks="count", lr="pos", warmup="count0", beta="pos", tau="pos", nll_coef="nonneg", seed="seed",
+                max_steps="count0", save_every="count0")
 
     rank, world, device = dist_setup(args.device)  # torchrun: one process per device; else (0, 1, device)
     device, dtype, autocast = setup(args.seed, device, args.dtype)
@@ -239,8 +254,10 @@ def main(argv=None):
     paired = args.loss in ("dpo", "rpo_paired")
     unit = "rows" if args.loss == "sft" else "pairs"
 
+    chunks = args.length_chunks if world == 1 else 1  # DDP/FSDP2: one forward per micro-batch and backward
+
     def forward(idx, ridx=()):  # summed log-probs (chosen, then rejected) and sft_loss of one micro-batch
-        return micro_batch_logps(fwd, data, idx, ridx, tok.pad_token_id, device, autocast)
+        return micro_batch_logps(fwd, data, idx, ridx, tok.pad_token_id, device, autocast, chunks)
 
     rng = random.Random(args.seed)
     total, plan, rplan = plan_steps(args, rows, paired, rank, world, rng)

@@ -25,12 +25,13 @@ SFT_EPOCHS=${SFT_EPOCHS:-3}     # 1 epoch teaches the targets' mean, not the ang
 PAIRS=${PAIRS:-neighbours}      # DPO/RPO pairs: neighbours (order along θ) | mirrored (±a, the sign of the weight)
 PAIR_DEGREES=${PAIR_DEGREES:--45,-15,15,45}   # neighbours: ascending angles; mirrored: a for pairs at ±a
 DPO_EPOCHS=${DPO_EPOCHS:-1}
+FREEZE_LAYERS=${FREEZE_LAYERS:-15}   # SFT and DPO/RPO train the upper 15 of the 30 decoder layers (1.5x faster steps)
 PREF=${PREF:-dpo}               # explore recipe, preference step after hindsight RSF: dpo | rpo_paired | rpo_unpaired
                                 # (Relative Preference Optimization, arXiv 2402.10958) | none (RSF only); same flags
 case "$PREF" in dpo|rpo_paired|rpo_unpaired|none) ;; *) echo "error: PREF=$PREF (dpo|rpo_paired|rpo_unpaired|none)" >&2; exit 2;; esac
 EVAL_DEGREES=-45,-30,-15,0,15,30,45
 STEER_DEGREES=-45,-15,15,45
-RM_METHOD=${RM_METHOD:-regression}   # regression: the DPA RM, fine-tuned | probe: ArmoRM's ridge probe on frozen features
+RM_METHOD=${RM_METHOD:-probe}   # probe: ArmoRM's ridge probe on frozen features | regression: the DPA RM, fine-tuned
                                 # (2 AVX2 cores: 320 s, Pearson 0.83 / 0.98, vs 1,176 s, 0.80 / 0.96)
 case "$RM_METHOD" in regression|probe) ;; *) echo "error: RM_METHOD=$RM_METHOD (regression|probe)" >&2; exit 2;; esac
 ABLATIONS=${ABLATIONS:-1}       # 1: also evaluate the best-of-n reranking of the base policy and the RSF-only checkpoint
@@ -47,8 +48,7 @@ else
 fi
 mkdir -p "$OUT"
 # a rerun resumes from what OUT holds, so one OUT serves one configuration: never mix policies of two
-CONFIG="RECIPE=$RECIPE$([[ "$RECIPE" == paper ]] || echo " PREF=$PREF PAIRS=$PAIRS:$PAIR_DEGREES TARGETS=$TARGET_DEGREES SFT_EPOCHS=$SFT_EPOCHS")"
-[[ "$RM_METHOD" == regression ]] || CONFIG="$CONFIG RM=$RM_METHOD"
+CONFIG="RECIPE=$RECIPE$([[ "$RECIPE" == paper ]] || echo " PREF=$PREF PAIRS=$PAIRS:$PAIR_DEGREES TARGETS=$TARGET_DEGREES SFT_EPOCHS=$SFT_EPOCHS DPO_EPOCHS=$DPO_EPOCHS") FREEZE=$FREEZE_LAYERS RM=$RM_METHOD"
 if [[ -f "$OUT/config.txt" && "$(cat "$OUT/config.txt")" != "$CONFIG" ]]; then
   echo "error: $OUT holds a run with $(cat "$OUT/config.txt"), not $CONFIG: choose another OUT" >&2; exit 2
 fi
@@ -110,7 +110,8 @@ for t in $(seq 1 "$ROUNDS"); do
       [[ -f "$R/scored.jsonl" ]] || $PY score.py --samples "$R/samples.jsonl" --rm "$OUT/rm" --out "$R/scored.jsonl"
       stamp "round $t: finetune (RSF)"
       $PY finetune.py --scored "$R/scored.jsonl" --init "$policy" --loss sft --select sampled --epochs 2 \
-        --lr 3e-5 --max-steps "$SFT_STEPS" --seed "$SEED" --out "$R/policy" --save-every "$CKPT_EVERY" --resume
+        --lr 3e-5 --max-steps "$SFT_STEPS" --freeze-layers "$FREEZE_LAYERS" --seed "$SEED" --out "$R/policy" \
+        --save-every "$CKPT_EVERY" --resume
     else
       # --- 2. exploration: per prompt one random θ, samples under the plain DPA prompt and with brief/detail hints,
       #        each followed by its sentence-boundary prefixes: candidates of every length, all ending on a sentence
@@ -126,15 +127,15 @@ for t in $(seq 1 "$ROUNDS"); do
       stamp "round $t: finetune (hindsight RSF)"
       [[ -f "$R/sft/meta.json" ]] || $PY finetune.py --scored "$R/scored.jsonl" --init "$policy" --loss sft \
         --select hindsight --target-degrees="$TARGET_DEGREES" --epochs "$SFT_EPOCHS" --lr 5e-5 --batch-size "$SFT_BATCH" --max-steps "$SFT_STEPS" \
-        --seed "$SEED" --out "$R/sft" --save-every "$CKPT_EVERY" --resume
+        --freeze-layers "$FREEZE_LAYERS" --seed "$SEED" --out "$R/sft" --save-every "$CKPT_EVERY" --resume
       # --- 4b. directional DPO (or RPO) between neighbouring angles (both pairs of a neighbour step in one batch),
       #         NLL term on the chosen
       if [[ "$PREF" != none ]]; then
         stamp "round $t: finetune ($PAIRS $PREF)"
         $PY finetune.py --scored "$R/scored.jsonl" --init "$R/sft" --loss "$PREF" --pairs "$PAIRS" \
           --pair-degrees="$PAIR_DEGREES" --batch-size "$DPO_BATCH" --beta 0.1 --nll-coef 1.0 --epochs "$DPO_EPOCHS" --lr "$DPO_LR" \
-          --max-steps "$DPO_STEPS" --seed "$SEED" \
-          --out "$R/policy" --save-every "$CKPT_EVERY" --resume
+          --max-steps "$DPO_STEPS" --freeze-layers "$FREEZE_LAYERS" --seed "$SEED" --out "$R/policy" \
+          --save-every "$CKPT_EVERY" --resume
       fi
     fi
   fi

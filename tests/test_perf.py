@@ -5,6 +5,8 @@ not in tests).
 
     python -m pytest tests/test_perf.py -q
 """
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -69,6 +71,31 @@ def test_token_logps_chunked_head_equals_full_logits_and_gradients(tiny_model_di
     assert torch.allclose(logps[0], logps[1], atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads))
     assert rows.tolist() == [i for i, (s, n) in enumerate(seqs) for _ in range(len(s) - n)]
+
+
+@pytest.mark.parametrize("chunks", [2, 3, 7])
+def test_finetune_length_chunks_equal_one_padded_pass(tiny_model_dir, tokenizer, chunks):
+    """finetune.py --length-chunks: a micro-batch run as length-sorted chunks gives the same summed log-probs per row
+    (in micro-batch order), the same sft_loss and the same gradients as one padded forward."""
+    from transformers import AutoModelForCausalLM
+
+    import finetune
+    tok = tokenizer
+    texts = ["Hi.", "Hello there, friend. How are you today?", "Once upon a time", "A much longer answer " * 6]
+    data = [(policy_data.encode(tok, "Q?", 15 * i, a, False, 512), policy_data.encode(tok, "Q?", 15 * i, a[:5], False,
+                                                                                      512)) for i, a in enumerate(texts)]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model.model.embed_tokens.requires_grad_(False)
+    out = []
+    for c in (1, chunks):
+        model.zero_grad(set_to_none=True)
+        seq, nll = finetune.micro_batch_logps(lambda *a: logprobs.token_logps(model, *a), data, [0, 1, 2, 3], [3, 1],
+                                              tok.pad_token_id, "cpu", contextlib.nullcontext, c)
+        (seq.sum() + nll).backward()
+        out.append((seq.detach(), nll.detach(), [q.grad.clone() for q in model.model.layers.parameters()]))
+    (s1, n1, g1), (s2, n2, g2) = out
+    assert s1.shape == (6,) and torch.allclose(s1, s2, atol=1e-5) and torch.allclose(n1, n2, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g1, g2))
 
 
 # ----------------------------------------------------------------------------- runtime.batching.sorted_forward

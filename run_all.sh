@@ -25,13 +25,14 @@ SFT_EPOCHS=${SFT_EPOCHS:-3}     # 1 epoch teaches the targets' mean, not the ang
 PAIRS=${PAIRS:-neighbours}      # DPO/RPO pairs: neighbours (order along θ) | mirrored (±a, the sign of the weight)
 PAIR_DEGREES=${PAIR_DEGREES:--45,-15,15,45}   # neighbours: ascending angles; mirrored: a for pairs at ±a
 DPO_EPOCHS=${DPO_EPOCHS:-1}
-FREEZE_LAYERS=${FREEZE_LAYERS:-15}   # SFT and DPO/RPO train the upper 15 of the 30 decoder layers (1.5x faster steps)
+FREEZE_LAYERS=${FREEZE_LAYERS:-0}   # SFT and DPO/RPO leave the lowest N decoder layers frozen (15: 1.49x faster
+                                # steps, but with RM_METHOD=probe it gave no dial; README, Recipes)
 PREF=${PREF:-dpo}               # explore recipe, preference step after hindsight RSF: dpo | rpo_paired | rpo_unpaired
                                 # (Relative Preference Optimization, arXiv 2402.10958) | none (RSF only); same flags
 case "$PREF" in dpo|rpo_paired|rpo_unpaired|none) ;; *) echo "error: PREF=$PREF (dpo|rpo_paired|rpo_unpaired|none)" >&2; exit 2;; esac
 EVAL_DEGREES=-45,-30,-15,0,15,30,45
 STEER_DEGREES=-45,-15,15,45
-RM_METHOD=${RM_METHOD:-probe}   # probe: ArmoRM's ridge probe on frozen features | regression: the DPA RM, fine-tuned
+RM_METHOD=${RM_METHOD:-regression}   # regression: the DPA RM, fine-tuned | probe: ArmoRM's ridge probe on frozen features
                                 # (2 AVX2 cores: 320 s, Pearson 0.83 / 0.98, vs 1,176 s, 0.80 / 0.96)
 case "$RM_METHOD" in regression|probe) ;; *) echo "error: RM_METHOD=$RM_METHOD (regression|probe)" >&2; exit 2;; esac
 ABLATIONS=${ABLATIONS:-1}       # 1: also evaluate the best-of-n reranking of the base policy and the RSF-only checkpoint

@@ -25,9 +25,6 @@ def test_smoke_run_all(smoke_run):
     assert "[assistant θ=-45°]" in stdout and "[assistant θ=45°]" in stdout
     # every stage left its artefact; the scored evaluation carries RM rewards and the judge's ratings
     assert (out / "rm" / "meta.json").exists() and (out / "round1" / "sft" / "meta.json").exists()
-    assert json.loads((out / "rm" / "meta.json").read_text())["method"] == "probe"  # the default RM: ArmoRM's probe
-    for stage in ("sft", "policy"):  # both training stages train the upper half of the decoder (FREEZE_LAYERS=15)
-        assert json.loads((out / "round1" / stage / "meta.json").read_text())["args"]["freeze_layers"] == 15
     assert json.loads((out / "round1" / "policy" / "meta.json").read_text())["loss"] == "dpo"
     scored = read_jsonl(str(out / "eval-round1.jsonl"))
     assert all(len(r["rewards"]) == 10 and "helpsteer-verbosity" in r["judge"] for r in scored)

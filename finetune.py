@@ -254,7 +254,7 @@ def main(argv=None):
     paired = args.loss in ("dpo", "rpo_paired")
     unit = "rows" if args.loss == "sft" else "pairs"
 
-    chunks = args.length_chunks if world == 1 else 1  # DDP/FSDP2: one forward per micro-batch and backward
+    chunks = args.length_chunks if world == 1 else 1  # under torchrun: one forward per backward, as DDP expects
 
     def forward(idx, ridx=()):  # summed log-probs (chosen, then rejected) and sft_loss of one micro-batch
         return micro_batch_logps(fwd, data, idx, ridx, tok.pad_token_id, device, autocast, chunks)

@@ -49,7 +49,7 @@ else
 fi
 mkdir -p "$OUT"
 # a rerun resumes from what OUT holds, so one OUT serves one configuration: never mix policies of two
-CONFIG="RECIPE=$RECIPE$([[ "$RECIPE" == paper ]] || echo " PREF=$PREF PAIRS=$PAIRS:$PAIR_DEGREES TARGETS=$TARGET_DEGREES SFT_EPOCHS=$SFT_EPOCHS DPO_EPOCHS=$DPO_EPOCHS") FREEZE=$FREEZE_LAYERS RM=$RM_METHOD"
+CONFIG="RECIPE=$RECIPE$([[ "$RECIPE" == paper ]] || echo " PREF=$PREF PAIRS=$PAIRS:$PAIR_DEGREES TARGETS=$TARGET_DEGREES SFT_EPOCHS=$SFT_EPOCHS DPO_EPOCHS=$DPO_EPOCHS DPO_LR=$DPO_LR") FREEZE=$FREEZE_LAYERS RM=$RM_METHOD"
 if [[ -f "$OUT/config.txt" && "$(cat "$OUT/config.txt")" != "$CONFIG" ]]; then
   echo "error: $OUT holds a run with $(cat "$OUT/config.txt"), not $CONFIG: choose another OUT" >&2; exit 2
 fi

@@ -21,7 +21,8 @@ RECIPE=${RECIPE:-explore}       # explore: exploration hints and prefixes + hind
 DPO_LR=${DPO_LR:-1.5e-5}        # peak learning rate of the DPO/RPO step (cosine decay to 10%)
 CKPT_EVERY=${CKPT_EVERY:-25}    # training checkpoint every N steps (1.4 GB, ≈ 3 s each); a rerun resumes from it
 TARGET_DEGREES=${TARGET_DEGREES:--45,-30,-15,0,15,30,45}   # hindsight RSF targets: the best answer at each angle
-SFT_EPOCHS=${SFT_EPOCHS:-3}     # 1 epoch teaches the targets' mean, not the angle (README, Recipes)
+SFT_EPOCHS=${SFT_EPOCHS:-3}     # 1 epoch teaches the targets' mean, not the angle (README, Recipes); 0: no SFT,
+                                # the preference step starts from the round's policy (its NLL term on the chosen is the SFT)
 PAIRS=${PAIRS:-neighbours}      # DPO/RPO pairs: neighbours (order along θ) | mirrored (±a, the sign of the weight)
 PAIR_DEGREES=${PAIR_DEGREES:--45,-15,15,45}   # neighbours: ascending angles; mirrored: a for pairs at ±a
 DPO_EPOCHS=${DPO_EPOCHS:-1}
@@ -30,6 +31,7 @@ FREEZE_LAYERS=${FREEZE_LAYERS:-0}   # SFT and DPO/RPO leave the lowest N decoder
 PREF=${PREF:-dpo}               # explore recipe, preference step after hindsight RSF: dpo | rpo_paired | rpo_unpaired
                                 # (Relative Preference Optimization, arXiv 2402.10958) | none (RSF only); same flags
 case "$PREF" in dpo|rpo_paired|rpo_unpaired|none) ;; *) echo "error: PREF=$PREF (dpo|rpo_paired|rpo_unpaired|none)" >&2; exit 2;; esac
+[[ "$SFT_EPOCHS" == 0 && "$PREF" == none ]] && { echo "error: SFT_EPOCHS=0 with PREF=none trains nothing" >&2; exit 2; }
 EVAL_DEGREES=-45,-30,-15,0,15,30,45
 STEER_DEGREES=-45,-15,15,45
 RM_METHOD=${RM_METHOD:-regression}   # regression: the DPA RM, fine-tuned | probe: ArmoRM's ridge probe on frozen features
@@ -125,22 +127,24 @@ for t in $(seq 1 "$ROUNDS"); do
       [[ -f "$R/scored.jsonl" ]] || $PY score.py --samples "$R/samples.jsonl" --rm "$OUT/rm" --out "$R/scored.jsonl"
       # --- 4a. RSF with hindsight: best response per prompt for 7 angles from -45° to 45°, SFT under the plain DPA
       #         prompt of each angle (prints the targets' shape per θ first: the target diagnostic)
-      stamp "round $t: finetune (hindsight RSF)"
-      [[ -f "$R/sft/meta.json" ]] || $PY finetune.py --scored "$R/scored.jsonl" --init "$policy" --loss sft \
+      [[ "$SFT_EPOCHS" == 0 ]] || stamp "round $t: finetune (hindsight RSF)"
+      init="$R/sft"
+      [[ "$SFT_EPOCHS" == 0 ]] && init="$policy"
+      [[ "$SFT_EPOCHS" == 0 || -f "$R/sft/meta.json" ]] || $PY finetune.py --scored "$R/scored.jsonl" --init "$policy" --loss sft \
         --select hindsight --target-degrees="$TARGET_DEGREES" --epochs "$SFT_EPOCHS" --lr 5e-5 --batch-size "$SFT_BATCH" --max-steps "$SFT_STEPS" \
         --freeze-layers "$FREEZE_LAYERS" --seed "$SEED" --out "$R/sft" --save-every "$CKPT_EVERY" --resume
       # --- 4b. directional DPO (or RPO) between neighbouring angles (both pairs of a neighbour step in one batch),
       #         NLL term on the chosen
       if [[ "$PREF" != none ]]; then
         stamp "round $t: finetune ($PAIRS $PREF)"
-        $PY finetune.py --scored "$R/scored.jsonl" --init "$R/sft" --loss "$PREF" --pairs "$PAIRS" \
+        $PY finetune.py --scored "$R/scored.jsonl" --init "$init" --loss "$PREF" --pairs "$PAIRS" \
           --pair-degrees="$PAIR_DEGREES" --batch-size "$DPO_BATCH" --beta 0.1 --nll-coef 1.0 --epochs "$DPO_EPOCHS" --lr "$DPO_LR" \
           --max-steps "$DPO_STEPS" --freeze-layers "$FREEZE_LAYERS" --seed "$SEED" --out "$R/policy" \
           --save-every "$CKPT_EVERY" --resume
       fi
     fi
   fi
-  if [[ "$ABLATIONS" == 1 && "$RECIPE" != paper && "$PREF" != none ]]; then   # the RSF checkpoint the preference step started from
+  if [[ "$ABLATIONS" == 1 && "$RECIPE" != paper && "$PREF" != none && "$SFT_EPOCHS" != 0 ]]; then   # the RSF checkpoint the preference step started from
     stamp "evaluate round $t (RSF only)"
     evaluate_policy "$R/sft" "round$t-rsf"
     EVALS="$EVALS round$t-rsf=$OUT/eval-round$t-rsf.jsonl"

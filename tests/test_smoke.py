@@ -28,3 +28,16 @@ def test_smoke_run_all(smoke_run):
     assert json.loads((out / "round1" / "policy" / "meta.json").read_text())["loss"] == "dpo"
     scored = read_jsonl(str(out / "eval-round1.jsonl"))
     assert all(len(r["rewards"]) == 10 and "helpsteer-verbosity" in r["judge"] for r in scored)
+
+
+def test_run_all_rejects_bad_flags(tmp_path):
+    # a flag run_all.sh cannot honour stops it at once with one line naming the flag, before it writes anything
+    import os
+    import subprocess
+    for env, words in (({"PREF": "ppo"}, "PREF=ppo"), ({"RM_METHOD": "svm"}, "RM_METHOD=svm"),
+                       ({"SFT_EPOCHS": "0", "PREF": "none"}, "trains nothing")):
+        out = tmp_path / "run"
+        proc = subprocess.run(["bash", "run_all.sh"], cwd=os.path.dirname(os.path.dirname(__file__)),
+                              env=dict(os.environ, OUT=str(out), **env), capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and words in proc.stderr and proc.stderr.count("\n") == 1, (env, proc.stderr)
+        assert not out.exists()

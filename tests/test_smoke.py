@@ -5,6 +5,8 @@ In the whole suite the run starts before the first test and runs beside the othe
 """
 import csv
 import json
+import os
+import subprocess
 
 from runtime.io import read_jsonl
 
@@ -32,8 +34,6 @@ def test_smoke_run_all(smoke_run):
 
 def test_run_all_rejects_bad_flags(tmp_path):
     # a flag run_all.sh cannot honour stops it at once with one line naming the flag, before it writes anything
-    import os
-    import subprocess
     for env, words in (({"PREF": "ppo"}, "PREF=ppo"), ({"RM_METHOD": "svm"}, "RM_METHOD=svm"),
                        ({"SFT_EPOCHS": "0", "PREF": "none"}, "trains nothing")):
         out = tmp_path / "run"

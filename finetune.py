@@ -6,6 +6,9 @@ RSF (--loss sft, DPA §3): for each prompt x and direction v keep y* = argmax_y 
   --select sampled    v is the direction each response was sampled under (the paper's loop)
   --select hindsight  every sample of x competes for every v in --target-degrees: one set of samples scored once gives
                       a best response per direction at no extra sampling cost (hindsight relabelling)
+  --decision-coef λ   hindsight: + λ × the mean NLL of the decision tokens, where the targets of two angles of one
+                      prompt part (often an answer and its own shorter prefix: end of answer vs. the next sentence).
+                      The angle decides only these tokens, a sliver of the plain per-token mean
 DPO (--loss dpo, Rafailov et al. 2023, Eq. 7): −log σ(β[(log π(y⁺) − log π_ref(y⁺)) − (log π(y⁻) − log π_ref(y⁻))])
 with summed response log-probs; reference log-probs are computed once before training (the reference is the
 starting policy). Pairs come from the scores:
@@ -60,17 +63,23 @@ from runtime.logprobs import token_logps
 from runtime.models import CACHE_DIR, DEFAULT_MODEL, get_lr, load_pretrained, resolve_model, setup
 from runtime.resume import (check_finite_loss, check_finite_weights, job_fingerprint, load_checkpoint, load_training,
                             rng_state, save_training, set_rng_state)
-from tools.policy_data import encode_rows
+from tools.policy_data import decision_positions, encode_rows
 from tools.pref_data import DEFAULT_EMBEDDER, embed_prompts, prompt_text
 from tools.targets import training_rows
 
 
 # ----------------------------------------------------------------------------- losses
-def sft_loss(logp, row, n_chosen):
+def sft_loss(logp, row, n_chosen, decision=None, decision_coef=0.0):
     """RSF's loss (DPA §3, step 4): −log π(y* | system(v), x) per token, averaged over the response tokens of the
-    first n_chosen rows (the targets; for DPO/RPO the chosen answers, as the --nll-coef term).
-    logp (N,): log π of every response token; row (N,): the row each token belongs to (token_logps) → scalar."""
-    return -logp[row < n_chosen].mean()
+    first n_chosen rows (the targets; for DPO/RPO the chosen answers, as the --nll-coef term), plus decision_coef ×
+    the mean NLL of the decision tokens alone (--decision-coef: where two angles' targets of one prompt part).
+    logp (N,): log π of every response token; row (N,): the row each token belongs to (token_logps);
+    decision (N,) bool or None → scalar."""
+    chosen = row < n_chosen
+    loss = -logp[chosen].mean()
+    if decision_coef and decision is not None and bool((decision & chosen).any()):
+        loss = loss - decision_coef * logp[decision & chosen].mean()
+    return loss
 
 
 def sequence_logps(logp, row, n_rows):
@@ -113,15 +122,16 @@ def rpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, weights, beta):
     return -F.logsigmoid(beta * weights * delta).mean(), delta
 
 
-def micro_batch_logps(fwd, data, idx, ridx, pad_id, device, autocast, chunks=1):
+def micro_batch_logps(fwd, data, idx, ridx, pad_id, device, autocast, chunks=1, decide=None, decision_coef=0.0):
     """One micro-batch through the policy: summed log-probs of the chosen answers (sft: the targets) of rows idx, then
-    of the rejected answers of rows ridx → (len(idx) + len(ridx),), and sft_loss on the chosen answers → scalar.
+    of the rejected answers of rows ridx → (len(idx) + len(ridx),), and sft_loss on the chosen answers → scalar
+    (decide: each row's decision-token positions, decision_positions; weighted by decision_coef).
     The sequences run as `chunks` forward passes of similar length (sorted, each padded to its own longest): the same
     log-probs and gradients as one padded pass (a causal model ignores padding after the last real token), with less
     padding computed (hindsight RSF's 8 rows, the 7 angles' targets of one prompt: 1.53 → 1.19 positions per token)."""
     seqs = [data[i][0] for i in idx] + [data[i][1] for i in ridx]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
-    logps, rows = [], []
+    logps, rows, decs = [], [], []
     for k in range(chunks):
         part = order[k * len(seqs) // chunks:(k + 1) * len(seqs) // chunks]
         if not part:
@@ -131,8 +141,15 @@ def micro_batch_logps(fwd, data, idx, ridx, pad_id, device, autocast, chunks=1):
             logp, row = fwd(ids, attn, lmask)  # row: index within this chunk
         logps.append(logp)
         rows.append(torch.tensor(part, device=device)[row])  # → index within the micro-batch
+        if decide is not None:  # the decision tokens, in token_logps' order of response tokens
+            dmask = torch.zeros_like(lmask)
+            for b, i in enumerate(part):
+                if i < len(idx):
+                    dmask[b, decide[idx[i]]] = True
+            decs.append(dmask[:, 1:][lmask[:, 1:]])
     logp, row = torch.cat(logps), torch.cat(rows)
-    return sequence_logps(logp, row, len(seqs)), sft_loss(logp, row, len(idx))  # (S,), scalar
+    dec = torch.cat(decs) if decs else None
+    return sequence_logps(logp, row, len(seqs)), sft_loss(logp, row, len(idx), dec, decision_coef)  # (S,), scalar
 
 
 def micro_batch_loss(args, forward, idx, ridx, ref, omega, paired, stats):
@@ -200,6 +217,9 @@ def build_parser():
     p.add_argument("--beta", type=float, default=0.1, help="DPO/RPO β")
     p.add_argument("--tau", type=float, default=0.5, help="RPO temperature τ of the prompt-similarity softmax")
     p.add_argument("--nll-coef", type=float, default=0.0, help="weight of the SFT loss on chosen responses (dpo, rpo)")
+    p.add_argument("--decision-coef", type=float, default=0.0,
+                   help="sft --select hindsight: add this × the mean NLL of the decision tokens, where the targets of "
+                        "two angles of one prompt part (the end of the shorter answer, or its continuation)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=0)
@@ -216,8 +236,10 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_flags(args, max_len="count", freeze_layers="count0", epochs="pos", batch_size="count", grad_accum="count",
-                length_chunks="count", lr="pos", warmup="count0", beta="pos", tau="pos", nll_coef="nonneg", seed="seed",
-                max_steps="count0", save_every="count0")
+                length_chunks="count", lr="pos", warmup="count0", beta="pos", tau="pos", nll_coef="nonneg",
+                decision_coef="nonneg", seed="seed", max_steps="count0", save_every="count0")
+    if args.decision_coef and not (args.loss == "sft" and args.select == "hindsight" and args.scored):
+        raise SystemExit("error: --decision-coef needs --loss sft --select hindsight --scored (angles of one prompt)")
 
     rank, world, device = dist_setup(args.device)  # torchrun: one process per device; else (0, 1, device)
     device, dtype, autocast = setup(args.seed, device, args.dtype)
@@ -253,11 +275,15 @@ def main(argv=None):
         raise SystemExit(f"error: no row of {source} fits --max-len {args.max_len}")
     paired = args.loss in ("dpo", "rpo_paired")
     unit = "rows" if args.loss == "sft" else "pairs"
+    decide = decision_positions(data, rows) if args.decision_coef else None
+    if decide is not None:
+        note += f" ({sum(map(len, decide)) / len(decide):.1f} decision tokens per row)"
 
     chunks = args.length_chunks if world == 1 else 1  # under torchrun: one forward per backward, as DDP expects
 
     def forward(idx, ridx=()):  # summed log-probs (chosen, then rejected) and sft_loss of one micro-batch
-        return micro_batch_logps(fwd, data, idx, ridx, tok.pad_token_id, device, autocast, chunks)
+        return micro_batch_logps(fwd, data, idx, ridx, tok.pad_token_id, device, autocast, chunks, decide,
+                                 args.decision_coef)
 
     rng = random.Random(args.seed)
     total, plan, rplan = plan_steps(args, rows, paired, rank, world, rng)

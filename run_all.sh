@@ -24,6 +24,8 @@ CKPT_EVERY=${CKPT_EVERY:-25}    # training checkpoint every N steps (1.4 GB, ≈
 TARGET_DEGREES=${TARGET_DEGREES:--45,-30,-15,0,15,30,45}   # hindsight RSF targets: the best answer at each angle
 SFT_EPOCHS=${SFT_EPOCHS:-3}     # 1 epoch teaches the targets' mean, not the angle (README, Recipes); 0: no SFT,
                                 # the preference step starts from the round's policy (its NLL term on the chosen is the SFT)
+SFT_DECISION=${SFT_DECISION:-0}   # hindsight RSF: + this × the NLL of the decision tokens, where two angles' targets
+                                # of one prompt part (finetune.py --decision-coef)
 PAIRS=${PAIRS:-neighbours}      # DPO/RPO pairs: neighbours (order along θ) | mirrored (±a, the sign of the weight)
 PAIR_DEGREES=${PAIR_DEGREES:--45,-15,15,45}   # neighbours: ascending angles; mirrored: a for pairs at ±a
 DPO_EPOCHS=${DPO_EPOCHS:-1}
@@ -52,7 +54,7 @@ else
 fi
 mkdir -p "$OUT"
 # a rerun resumes from what OUT holds, so one OUT serves one configuration: never mix policies of two
-CONFIG="RECIPE=$RECIPE$([[ "$RECIPE" == paper ]] || echo " PREF=$PREF PAIRS=$PAIRS:$PAIR_DEGREES TARGETS=$TARGET_DEGREES SFT_EPOCHS=$SFT_EPOCHS DPO_EPOCHS=$DPO_EPOCHS DPO_LR=$DPO_LR") FREEZE=$FREEZE_LAYERS RM=$RM_METHOD"
+CONFIG="RECIPE=$RECIPE$([[ "$RECIPE" == paper ]] || echo " PREF=$PREF PAIRS=$PAIRS:$PAIR_DEGREES TARGETS=$TARGET_DEGREES SFT_EPOCHS=$SFT_EPOCHS$([[ "$SFT_DECISION" == 0 ]] || echo " SFT_DECISION=$SFT_DECISION") DPO_EPOCHS=$DPO_EPOCHS DPO_LR=$DPO_LR") FREEZE=$FREEZE_LAYERS RM=$RM_METHOD"
 if [[ -f "$OUT/config.txt" && "$(cat "$OUT/config.txt")" != "$CONFIG" ]]; then
   echo "error: $OUT holds a run with $(cat "$OUT/config.txt"), not $CONFIG: choose another OUT" >&2; exit 2
 fi
@@ -133,6 +135,7 @@ for t in $(seq 1 "$ROUNDS"); do
       [[ "$SFT_EPOCHS" == 0 ]] && init="$policy"
       [[ "$SFT_EPOCHS" == 0 || -f "$R/sft/meta.json" ]] || $PY finetune.py --scored "$R/scored.jsonl" --init "$policy" --loss sft \
         --select hindsight --target-degrees="$TARGET_DEGREES" --epochs "$SFT_EPOCHS" --lr 5e-5 --batch-size "$SFT_BATCH" --max-steps "$SFT_STEPS" \
+        --decision-coef "$SFT_DECISION" \
         --freeze-layers "$FREEZE_LAYERS" --seed "$SEED" --out "$R/sft" --save-every "$CKPT_EVERY" --resume
       # --- 4b. directional DPO (or RPO) between neighbouring angles (both pairs of a neighbour step in one batch),
       #         NLL term on the chosen

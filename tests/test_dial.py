@@ -3,14 +3,17 @@ length moves smoothly with θ, the target diagnostic, and pairs between neighbou
 
     python -m pytest tests/test_dial.py -q
 """
+import contextlib
 import math
 
 import numpy as np
 import pytest
+import torch
 
 import finetune
 import sample
 from common import ATTRIBUTES, HELPFULNESS, VERBOSITY
+from runtime import batching
 from tools import judge, policy_data, targets
 
 
@@ -128,3 +131,56 @@ def test_finetune_diagnose_prints_the_curve_and_writes_nothing(tmp_path, capsys)
     # words 10 × 7 angles, 30 × 6, 90 × 6 (ties share ranks); flips at −11.3° and +19.3°, none within ±10°
     assert "Spearman(θ, words) +0.943 over 19 angles | 2 flips, 0% within ±10°" in out
     assert out.count("\n") == 6 and sorted(p.name for p in tmp_path.iterdir()) == ["scored.jsonl"]
+
+
+# ----------------------------------------------------------------------------- decision tokens (--decision-coef)
+def test_decision_positions_mark_where_two_angles_targets_part():
+    # one prompt, 4 angles, prompt lengths 3 / 3 / 3 / 4; responses (ids after the prompt), 9 = end of turn
+    data = [[([0, 0, 0, 5, 6, 9], 3)],         # −45°: "5 6" and stop
+            [([0, 0, 0, 5, 6, 7, 8, 9], 3)],   # 0°: the same answer continued
+            [([0, 0, 0, 5, 6, 9], 3)],         # 15°: the −45° answer again (identical: nothing to decide against it)
+            [([0, 0, 0, 0, 4, 6, 9], 4)]]      # 45°: another answer from its first token
+    rows = [{"group": "A"}] * 4
+    got = policy_data.decision_positions(data, rows)
+    # −45° vs 0°: part at response token 2 (9 vs 7) → position 5; vs 45°: at token 0 → position 3
+    assert got == [[3, 5], [3, 5], [3, 5], [4]]
+    # another group never counts; a truncated answer (no end of turn) that is a prefix of the other has nothing to mark
+    assert policy_data.decision_positions([[([1, 5, 6], 1)], [([1, 5, 6, 7, 9], 1)], [([1, 4, 9], 1)]],
+                                          [{"group": "A"}, {"group": "A"}, {"group": "B"}]) == [[], [3], []]
+
+
+def test_sft_loss_decision_term_exact():
+    logp = torch.tensor([-1.0, -2.0, -3.0, -6.0])   # tokens of rows 0, 0, 1, 2 (row 2 is not a target)
+    row = torch.tensor([0, 0, 1, 2])
+    decision = torch.tensor([False, True, True, True])
+    # plain mean over rows 0-1: 2.0; decision tokens of rows 0-1: (2 + 3) / 2 = 2.5; λ = 2 → 2.0 + 5.0
+    assert finetune.sft_loss(logp, row, 2, decision, 2.0).item() == pytest.approx(7.0)
+    assert finetune.sft_loss(logp, row, 2, decision, 0.0).item() == pytest.approx(2.0)
+    assert finetune.sft_loss(logp, row, 1, torch.tensor([False] * 4), 2.0).item() == pytest.approx(1.5)  # none marked
+
+
+def test_micro_batch_decision_mask_follows_the_token_order(tiny_model_dir, tokenizer):
+    """micro_batch_logps with decide: the decision term picks exactly the marked label positions, also when the rows
+    run as length-sorted chunks (order differs from the micro-batch's)."""
+    from transformers import AutoModelForCausalLM
+    from runtime import logprobs
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    data = [[([1, 2, 3, 4, 5, 6, 7], 2)], [([1, 2, 3, 4], 2)], [([1, 2, 8, 9, 10], 2)]]
+    decide = [[4], [3], [2, 3]]
+    fwd = lambda *a: logprobs.token_logps(model, *a)
+    with torch.no_grad():
+        logp, row = fwd(*batching.collate([d[0] for d in data], 0))
+        # label t+1 of row r is marked where t+1 ∈ decide[r]; the tokens of each row in order from position 2
+        pos = torch.cat([torch.arange(2, len(d[0][0])) for d in data])
+        want = torch.tensor([int(p) in decide[int(r)] for p, r in zip(pos, row)])
+        expect = -logp.mean() - 0.5 * logp[want].mean()
+        for chunks in (1, 2):
+            _, loss = finetune.micro_batch_logps(fwd, data, [0, 1, 2], [], 0, "cpu", contextlib.nullcontext, chunks,
+                                                 decide, 0.5)
+            assert loss.item() == pytest.approx(expect.item(), abs=1e-5)
+    assert want.sum() == 4
+
+
+def test_decision_coef_needs_hindsight_sft(tmp_path):
+    with pytest.raises(SystemExit, match="--decision-coef needs --loss sft --select hindsight"):
+        finetune.main(["--scored", str(tmp_path / "x.jsonl"), "--decision-coef", "1", "--out", str(tmp_path / "o")])

@@ -1,5 +1,7 @@
 """finetune.py's inputs: scored samples (score.py) read and checked into a reward matrix, preference pairs
 (pref_data.read_prefs) as training rows, and every row's answers encoded into token ids under its prompt."""
+from collections import defaultdict
+
 import numpy as np
 
 from common import ATTRIBUTES, HELPFULNESS, VERBOSITY, chat_messages, chat_text
@@ -107,3 +109,27 @@ def encode_rows(tok, rows, args, prompt_line):
         data.append(enc)
         kept.append(r)
     return data, kept, too_long, n_cut
+
+
+def decision_positions(data, rows):
+    """Hindsight RSF's decision tokens: in every target, the tokens where it parts from the target of another angle of
+    the same prompt (rows sharing a group), i.e. the first token after their common prefix — the end of the shorter
+    answer, or the token that continues it. Only there does the angle decide the next token; before it the two
+    targets agree, after it the context differs. → per row, the sorted positions in its token ids (data[i][0][0])."""
+    groups = defaultdict(list)
+    for i, r in enumerate(rows):
+        groups[r["group"]].append(i)
+    out = [[] for _ in rows]
+    for idx in groups.values():
+        answers = {i: data[i][0][0][data[i][0][1]:] for i in idx}  # response ids (+ end of turn)
+        for i in idx:
+            marks = set()
+            for j in idx:
+                a, b = answers[i], answers[j]
+                if a == b:
+                    continue
+                k = next((t for t, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                if k < len(a):  # a truncated answer that is a prefix of the other has no token to decide there
+                    marks.add(data[i][0][1] + k)
+            out[i] = sorted(marks)
+    return out

@@ -30,7 +30,7 @@ PAIRS=${PAIRS:-neighbours}      # DPO/RPO pairs: neighbours (order along θ) | m
 PAIR_DEGREES=${PAIR_DEGREES:--45,-15,15,45}   # neighbours: ascending angles; mirrored: a for pairs at ±a
 DPO_EPOCHS=${DPO_EPOCHS:-1}
 FREEZE_LAYERS=${FREEZE_LAYERS:-0}   # SFT and DPO/RPO leave the lowest N decoder layers frozen (15: 1.49x faster
-                                # steps, but with RM_METHOD=probe it gave no dial; README, Recipes)
+                                # steps, but no dial with either RM; docs/recipes_switch.md)
 PREF=${PREF:-dpo}               # explore recipe, preference step after hindsight RSF: dpo | rpo_paired | rpo_unpaired
                                 # (Relative Preference Optimization, arXiv 2402.10958) | none (RSF only); same flags
 case "$PREF" in dpo|rpo_paired|rpo_unpaired|none) ;; *) echo "error: PREF=$PREF (dpo|rpo_paired|rpo_unpaired|none)" >&2; exit 2;; esac

@@ -77,8 +77,10 @@ def sft_loss(logp, row, n_chosen, decision=None, decision_coef=0.0):
     decision (N,) bool or None → scalar."""
     chosen = row < n_chosen
     loss = -logp[chosen].mean()
-    if decision_coef and decision is not None and bool((decision & chosen).any()):
-        loss = loss - decision_coef * logp[decision & chosen].mean()
+    if decision_coef and decision is not None:
+        marked = decision & chosen
+        if marked.any():
+            loss = loss - decision_coef * logp[marked].mean()
     return loss
 
 

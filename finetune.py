@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from runtime import lora
-from runtime.batching import collate, plan_steps
+from runtime.batching import pack, plan_steps
 from runtime.chat import system_via
 from runtime.dist import all_gather, all_mean, dist_setup, grad_sync, is_main, parallelize, save_model
 from runtime.io import (check_flags, check_output_dir, cli, file_digest, parse_degrees, publish_dir, stage_main,
@@ -124,34 +124,26 @@ def rpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, weights, beta):
     return -F.logsigmoid(beta * weights * delta).mean(), delta
 
 
-def micro_batch_logps(fwd, data, idx, ridx, pad_id, device, autocast, chunks=1, decide=None, decision_coef=0.0):
+def micro_batch_logps(fwd, data, idx, ridx, pad_id, device, autocast, packed=True, decide=None, decision_coef=0.0):
     """One micro-batch through the policy: summed log-probs of the chosen answers (sft: the targets) of rows idx, then
     of the rejected answers of rows ridx → (len(idx) + len(ridx),), and sft_loss on the chosen answers → scalar
     (decide: each row's decision-token positions, decision_positions; weighted by decision_coef).
-    The sequences run as `chunks` forward passes of similar length (sorted, each padded to its own longest): the same
-    log-probs and gradients as one padded pass (a causal model ignores padding after the last real token), with less
-    padding computed (hindsight RSF's 8 rows, the 7 angles' targets of one prompt: 1.53 → 1.19 positions per token)."""
+    packed: the sequences laid end to end in rows no longer than the longest (batching.pack), each attending only to
+    itself: the same log-probs and gradients as one padded row per sequence, on fewer positions."""
     seqs = [data[i][0] for i in idx] + [data[i][1] for i in ridx]
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
-    logps, rows, decs = [], [], []
-    for k in range(chunks):
-        part = order[k * len(seqs) // chunks:(k + 1) * len(seqs) // chunks]
-        if not part:
-            continue
-        ids, attn, lmask = (x.to(device) for x in collate([seqs[i] for i in part], pad_id))
-        with autocast():
-            logp, row = fwd(ids, attn, lmask)  # row: index within this chunk
-        logps.append(logp)
-        rows.append(torch.tensor(part, device=device)[row])  # → index within the micro-batch
-        if decide is not None:  # the decision tokens, in token_logps' order of response tokens
-            dmask = torch.zeros_like(lmask)
-            for b, i in enumerate(part):
-                if i < len(idx):
-                    dmask[b, decide[idx[i]]] = True
-            decs.append(dmask[:, 1:][lmask[:, 1:]])
-    logp, row = torch.cat(logps), torch.cat(rows)
-    dec = torch.cat(decs) if decs else None
-    return sequence_logps(logp, row, len(seqs)), sft_loss(logp, row, len(idx), dec, decision_coef)  # (S,), scalar
+    ids, pos, lmask, where = pack(seqs, pad_id, packed)
+    owner = torch.full(ids.shape, -1, dtype=torch.long)  # (R, T): the sequence at each position
+    dmask = torch.zeros_like(lmask)  # (R, T): the decision tokens of the targets
+    for i, ((s, _), (r, t)) in enumerate(zip(seqs, where)):
+        owner[r, t:t + len(s)] = i
+        if decide is not None and i < len(idx):
+            dmask[r, [t + k for k in decide[idx[i]]]] = True
+    with autocast():
+        logp, _ = fwd(ids.to(device), None, lmask.to(device), pos.to(device))  # (N,) in row-major label order
+    labels = lmask[:, 1:]  # position t predicts token t + 1
+    row, dec = owner[:, 1:][labels].to(device), dmask[:, 1:][labels].to(device)
+    return (sequence_logps(logp, row, len(seqs)),  # (S,), scalar
+            sft_loss(logp, row, len(idx), dec if decide is not None else None, decision_coef))
 
 
 def micro_batch_loss(args, forward, idx, ridx, ref, omega, paired, stats):
@@ -211,9 +203,9 @@ def build_parser():
                    help="rows (sft) or pairs (dpo, rpo_paired) per micro-batch and rank; rpo_unpaired: chosen "
                         "answers, and as many rejected ones")
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--length-chunks", type=int, default=1,
-                   help="run each micro-batch as N forward passes of similar-length rows (less padding, same "
-                        "gradients; one process only)")
+    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
+                   help="lay each micro-batch's sequences end to end in rows no longer than its longest, each "
+                        "attending only to itself (same gradients, less padding; --no-pack: one padded row each)")
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--beta", type=float, default=0.1, help="DPO/RPO β")
@@ -238,7 +230,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_flags(args, max_len="count", freeze_layers="count0", epochs="pos", batch_size="count", grad_accum="count",
-                length_chunks="count", lr="pos", warmup="count0", beta="pos", tau="pos", nll_coef="nonneg",
+                lr="pos", warmup="count0", beta="pos", tau="pos", nll_coef="nonneg",
                 decision_coef="nonneg", seed="seed", max_steps="count0", save_every="count0")
     if args.decision_coef and not (args.loss == "sft" and args.select == "hindsight" and args.scored):
         raise SystemExit("error: --decision-coef needs --loss sft --select hindsight --scored (angles of one prompt)")
@@ -281,10 +273,8 @@ def main(argv=None):
     if decide is not None:
         note += f" ({sum(map(len, decide)) / len(decide):.1f} decision tokens per row)"
 
-    chunks = args.length_chunks if world == 1 else 1  # under torchrun: one forward per backward, as DDP expects
-
     def forward(idx, ridx=()):  # summed log-probs (chosen, then rejected) and sft_loss of one micro-batch
-        return micro_batch_logps(fwd, data, idx, ridx, tok.pad_token_id, device, autocast, chunks, decide,
+        return micro_batch_logps(fwd, data, idx, ridx, tok.pad_token_id, device, autocast, args.pack, decide,
                                  args.decision_coef)
 
     rng = random.Random(args.seed)

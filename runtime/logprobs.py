@@ -35,11 +35,13 @@ class LabelLogProbs(torch.autograd.Function):
         return g[:, None].to(grad.dtype) * grad, None, None, None
 
 
-def token_logps(model, ids, attn, lmask, chunk=512):
+def token_logps(model, ids, attn, lmask, pos=None, chunk=512):
     """log π(y_t | y_<t, x) for every response token, and the row it belongs to. → (N,), (N,)
-    The 49k-wide LM head runs only where a label exists: prompt and padding positions never make logits; a frozen,
-    bias-free head (tied to the frozen embeddings) runs in chunks of `chunk` positions (LabelLogProbs)."""
-    h = model.model(input_ids=ids, attention_mask=attn).last_hidden_state  # (B, T, H)
+    Rows are right-padded (attn: the attention mask) or packed (attn None, pos: position ids restarting at every
+    sequence; batching.pack). The 49k-wide LM head runs only where a label exists: prompt and padding positions never
+    make logits; a frozen, bias-free head (tied to the frozen embeddings) runs in chunks of `chunk` positions
+    (LabelLogProbs)."""
+    h = model.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state  # (B,T,H)
     tmask = lmask[:, 1:]  # (B, T-1) position t predicts token t+1
     head, labels = model.lm_head, ids[:, 1:][tmask]
     if head.weight.requires_grad or head.bias is not None:  # an untied, trainable head: plain logits

@@ -161,7 +161,7 @@ def test_sft_loss_decision_term_exact():
 
 def test_micro_batch_decision_mask_follows_the_token_order(tiny_model_dir, tokenizer):
     """micro_batch_logps with decide: the decision term picks exactly the marked label positions, also when the rows
-    run as length-sorted chunks (order differs from the micro-batch's)."""
+    are packed end to end (order differs from the micro-batch's)."""
     from transformers import AutoModelForCausalLM
     from runtime import logprobs
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -174,8 +174,8 @@ def test_micro_batch_decision_mask_follows_the_token_order(tiny_model_dir, token
         pos = torch.cat([torch.arange(2, len(d[0][0])) for d in data])
         want = torch.tensor([int(p) in decide[int(r)] for p, r in zip(pos, row)])
         expect = -logp.mean() - 0.5 * logp[want].mean()
-        for chunks in (1, 2):
-            _, loss = finetune.micro_batch_logps(fwd, data, [0, 1, 2], [], 0, "cpu", contextlib.nullcontext, chunks,
+        for packed in (False, True):
+            _, loss = finetune.micro_batch_logps(fwd, data, [0, 1, 2], [], 0, "cpu", contextlib.nullcontext, packed,
                                                  decide, 0.5)
             assert loss.item() == pytest.approx(expect.item(), abs=1e-5)
     assert want.sum() == 4

@@ -1,5 +1,5 @@
 """The performance changes measured in bench/ keep the math: finetune.py's chunked LM head (runtime/logprobs.py)
-gives the same log-probs and gradients as full logits, and train_rm.py's length-sorted chunks (runtime/batching.py)
+gives the same log-probs and gradients as full logits, its packed rows the same as padded ones, and train_rm.py's length-sorted chunks (runtime/batching.py)
 give the same predictions and gradients as one padded forward. Tiny random model only (the timings live in bench/,
 not in tests).
 
@@ -73,28 +73,50 @@ def test_token_logps_chunked_head_equals_full_logits_and_gradients(tiny_model_di
     assert rows.tolist() == [i for i, (s, n) in enumerate(seqs) for _ in range(len(s) - n)]
 
 
-@pytest.mark.parametrize("chunks", [2, 3, 7])
-def test_finetune_length_chunks_equal_one_padded_pass(tiny_model_dir, tokenizer, chunks):
-    """finetune.py --length-chunks: a micro-batch run as length-sorted chunks gives the same summed log-probs per row
-    (in micro-batch order), the same sft_loss and the same gradients as one padded forward."""
+def test_pack_lays_sequences_end_to_end_within_the_longest():
+    seqs = [([1] * 5, 2), ([2] * 3, 1), ([3] * 2, 1), ([4] * 4, 2)]
+    ids, pos, lmask, where = batching.pack(seqs, pad_id=0)
+    assert ids.shape == (3, 5)  # first-fit decreasing: [5], [4], [3 + 2]
+    assert where == [(0, 0), (2, 0), (2, 3), (1, 0)]
+    assert ids[2].tolist() == [2, 2, 2, 3, 3] and ids[1].tolist() == [4, 4, 4, 4, 0]
+    assert pos[2].tolist() == [0, 1, 2, 0, 1] and pos[1].tolist() == [0, 1, 2, 3, 0]  # the padding: its own sequence
+    assert lmask[2].tolist() == [False, True, True, False, True] and lmask[1].tolist() == [False, False, True, True,
+                                                                                             False]
+    ids, pos, lmask, where = batching.pack(seqs, pad_id=0, packed=False)  # one right-padded row each
+    assert ids.shape == (4, 5) and where == [(0, 0), (2, 0), (3, 0), (1, 0)] and pos[3].tolist() == [0, 1, 0, 1, 2]
+
+
+@pytest.mark.parametrize("decision_coef", [0.0, 0.5])
+def test_finetune_packed_rows_equal_padded_rows(tiny_model_dir, tokenizer, decision_coef):
+    """finetune.py --pack: a micro-batch's sequences laid end to end give the same summed log-probs per row (in
+    micro-batch order), the same sft_loss and the same gradients as one padded row each, and those equal the
+    attention-masked padded forward of batching.collate."""
     from transformers import AutoModelForCausalLM
 
     import finetune
     tok = tokenizer
-    texts = ["Hi.", "Hello there, friend. How are you today?", "Once upon a time", "A much longer answer " * 6]
+    texts = ["Hi.", "Hello there, friend. How are you today?", "Once upon a time", "A much longer answer " * 30]
     data = [(policy_data.encode(tok, "Q?", 15 * i, a, False, 512), policy_data.encode(tok, "Q?", 15 * i, a[:5], False,
                                                                                       512)) for i, a in enumerate(texts)]
+    decide = [[len(c[0]) - 1] for c, _ in data]  # each target's end-of-turn token
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model.model.embed_tokens.requires_grad_(False)
+    seqs = [data[i][0] for i in (0, 1, 2, 3)] + [data[i][1] for i in (3, 1)]
+    assert batching.pack(seqs, tok.pad_token_id)[0].shape[0] < len(seqs)  # something is packed
+    with torch.no_grad():  # the masked padded forward, summed per row
+        logp, row = logprobs.token_logps(model, *batching.collate(seqs, tok.pad_token_id))
+        masked = torch.zeros(len(seqs)).index_add_(0, row, logp)
     out = []
-    for c in (1, chunks):
+    for packed in (False, True):
         model.zero_grad(set_to_none=True)
         seq, nll = finetune.micro_batch_logps(lambda *a: logprobs.token_logps(model, *a), data, [0, 1, 2, 3], [3, 1],
-                                              tok.pad_token_id, "cpu", contextlib.nullcontext, c)
+                                              tok.pad_token_id, "cpu", contextlib.nullcontext, packed, decide,
+                                              decision_coef)
         (seq.sum() + nll).backward()
         out.append((seq.detach(), nll.detach(), [q.grad.clone() for q in model.model.layers.parameters()]))
     (s1, n1, g1), (s2, n2, g2) = out
-    assert s1.shape == (6,) and torch.allclose(s1, s2, atol=1e-5) and torch.allclose(n1, n2, atol=1e-6)
+    assert s1.shape == (6,) and torch.allclose(s1, masked, atol=1e-5)
+    assert torch.allclose(s1, s2, atol=1e-5) and torch.allclose(n1, n2, atol=1e-6)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g1, g2))
 
 

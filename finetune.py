@@ -205,7 +205,8 @@ def build_parser():
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
                    help="lay each micro-batch's sequences end to end in rows no longer than its longest, each "
-                        "attending only to itself (same gradients, less padding; --no-pack: one padded row each)")
+                        "attending only to itself (same gradients, less padding; --no-pack, or --trust-remote-code: one "
+                        "padded row each)")
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--beta", type=float, default=0.1, help="DPO/RPO β")
@@ -273,8 +274,10 @@ def main(argv=None):
     if decide is not None:
         note += f" ({sum(map(len, decide)) / len(decide):.1f} decision tokens per row)"
 
+    packed = args.pack and not args.trust_remote_code  # a model's own code may not mask by position ids
+
     def forward(idx, ridx=()):  # summed log-probs (chosen, then rejected) and sft_loss of one micro-batch
-        return micro_batch_logps(fwd, data, idx, ridx, tok.pad_token_id, device, autocast, args.pack, decide,
+        return micro_batch_logps(fwd, data, idx, ridx, tok.pad_token_id, device, autocast, packed, decide,
                                  args.decision_coef)
 
     rng = random.Random(args.seed)

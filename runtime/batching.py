@@ -1,6 +1,6 @@
 """Micro-batches for the training stages: finetune.py's plan of row indices per optimizer step (groups kept together,
-unpaired RPO's rejected halves, the ranks' shares) and its packed or padded tensors; train_rm.py's shuffled, tokenised batches,
-its length-sorted forward and its held-out predictions shared by the ranks."""
+unpaired RPO's rejected halves, the ranks' shares) and its packed or padded tensors; train_rm.py's shuffled,
+tokenised batches, its length-sorted forward and its held-out predictions shared by the ranks."""
 import itertools
 import math
 import random
@@ -76,28 +76,27 @@ def pack(seqs, pad_id, packed=True):
     packed=False one sequence per row, right-padded). position_ids restart at 0 at every sequence and at the padding
     after the last one, so with no attention mask a causal model's attention stays within each sequence
     (transformers builds that block-causal mask from the position ids): the same log-probs as one padded row each,
-    computed on fewer positions (hindsight RSF's 8 rows: 1.53 → 1.2 positions per token)."""
+    computed on fewer positions (the default run's hindsight RSF micro-batches: 1.57 → 1.23 positions per token)."""
     T = max(len(s) for s, _ in seqs)
-    rows, where = [], [None] * len(seqs)  # rows: [free positions, [sequence indices]]
+    free, where = [], [None] * len(seqs)  # free positions left in each row
     for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0])):
         n = len(seqs[i][0])
-        r = next((k for k, (free, _) in enumerate(rows) if free >= n), None) if packed else None
+        r = next((k for k, f in enumerate(free) if f >= n), None) if packed else None
         if r is None:
-            rows.append([T, []])
-            r = len(rows) - 1
-        where[i] = (r, T - rows[r][0])
-        rows[r][0] -= n
-        rows[r][1].append(i)
-    ids = torch.full((len(rows), T), pad_id)
-    pos = torch.zeros((len(rows), T), dtype=torch.long)
-    lmask = torch.zeros((len(rows), T), dtype=torch.bool)
+            free.append(T)
+            r = len(free) - 1
+        where[i] = (r, T - free[r])
+        free[r] -= n
+    ids = torch.full((len(free), T), pad_id)
+    pos = torch.zeros((len(free), T), dtype=torch.long)
+    lmask = torch.zeros((len(free), T), dtype=torch.bool)
     for i, (s, n) in enumerate(seqs):
         r, t = where[i]
         ids[r, t:t + len(s)] = torch.tensor(s)
         pos[r, t:t + len(s)] = torch.arange(len(s))
         lmask[r, t + n:t + len(s)] = True
-    for r, (free, _) in enumerate(rows):
-        pos[r, T - free:] = torch.arange(free)  # the padding: a sequence of its own
+    for r, f in enumerate(free):
+        pos[r, T - f:] = torch.arange(f)  # the padding: a sequence of its own
     return ids, pos, lmask, where
 
 

@@ -160,8 +160,8 @@ def test_sft_loss_decision_term_exact():
 
 
 def test_micro_batch_decision_mask_follows_the_token_order(tiny_model_dir, tokenizer):
-    """micro_batch_logps with decide: the decision term picks exactly the marked label positions, also when the rows
-    are packed end to end (order differs from the micro-batch's)."""
+    """micro_batch_logps with decide: the decision term picks exactly the marked label positions, packed or not (pack
+    lays the rows out longest first, another order than the micro-batch's; packed rows: tests/test_perf.py)."""
     from transformers import AutoModelForCausalLM
     from runtime import logprobs
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()

@@ -1,6 +1,6 @@
 """The performance changes measured in bench/ keep the math: finetune.py's chunked LM head (runtime/logprobs.py)
-gives the same log-probs and gradients as full logits, its packed rows the same as padded ones, and train_rm.py's length-sorted chunks (runtime/batching.py)
-give the same predictions and gradients as one padded forward. Tiny random model only (the timings live in bench/,
+gives the same log-probs and gradients as full logits, its packed rows the same as padded ones, and train_rm.py's
+length-sorted chunks (runtime/batching.py) give the same predictions and gradients as one padded forward. Tiny random model only (the timings live in bench/,
 not in tests).
 
     python -m pytest tests/test_perf.py -q

@@ -44,6 +44,7 @@ Under torchrun every rank takes its own micro-batches of each optimizer step (th
 --grad-accum × ranks) and the gradients are averaged once per step; rank 0 logs and writes OUT.
 """
 import argparse
+import contextlib
 import os
 import random
 import time
@@ -54,7 +55,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from runtime import lora
-from runtime.batching import pack, plan_steps
+from runtime.batching import pack, packing_is_exact, plan_steps
 from runtime.chat import system_via
 from runtime.dist import all_gather, all_mean, dist_setup, grad_sync, is_main, parallelize, save_model
 from runtime.io import (check_flags, check_output_dir, cli, file_digest, parse_degrees, publish_dir, stage_main,
@@ -205,8 +206,8 @@ def build_parser():
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
                    help="lay each micro-batch's sequences end to end in rows no longer than its longest, each "
-                        "attending only to itself (same gradients, less padding; --no-pack, or --trust-remote-code: one "
-                        "padded row each)")
+                        "attending only to itself (same gradients, less padding; checked on the first micro-batch: a "
+                        "model that does not mask by position ids gets padded rows; --no-pack: one padded row each)")
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--beta", type=float, default=0.1, help="DPO/RPO β")
@@ -274,8 +275,6 @@ def main(argv=None):
     if decide is not None:
         note += f" ({sum(map(len, decide)) / len(decide):.1f} decision tokens per row)"
 
-    packed = args.pack and not args.trust_remote_code  # a model's own code may not mask by position ids
-
     def forward(idx, ridx=()):  # summed log-probs (chosen, then rejected) and sft_loss of one micro-batch
         return micro_batch_logps(fwd, data, idx, ridx, tok.pad_token_id, device, autocast, packed, decide,
                                  args.decision_coef)
@@ -286,8 +285,18 @@ def main(argv=None):
     state = load_checkpoint(ckpt, job) if ckpt else None
     # a resumed run keeps its reference: the checkpoint holds every rank's list
     ref, omega = ([r.to(device) for r in state["ref"][rank]] if state else []), []
+    model.eval()
+    packed = args.pack  # packed rows only where this model's own code masks them as it masks padded ones
+    if packed:  # checked in fp32 (FSDP2: in its compute dtype), per response token
+        tol, t = 0.1 if args.fsdp and dtype != torch.float32 else 1e-4, time.time()
+        packed, diff = packing_is_exact(lambda i, p: micro_batch_logps(fwd, data, i, (), tok.pad_token_id, device,
+                                                                       contextlib.nullcontext, p)[0],
+                                        data, plan, tok.pad_token_id, tol)
+        print(f"finetune: packed rows checked against padded ones: ≤ {diff:.1e} nats per token ({time.time() - t:.1f}s)"
+              if packed else f"finetune: packed rows change this model's log-probs by up to {diff:.4f} nats per token "
+              "(it does not mask by position ids): padded rows instead")
     if args.loss != "sft" and not state:  # reference log-probs before the policy moves (the reference is the start
-        model.eval()  # point), on the very micro-batches training will use, so padding and kernels match: margin 0 at step 1
+        # point), on the very micro-batches training will use, so padding and kernels match: margin 0 at step 1
         with torch.no_grad():  # each (2, B): chosen, rejected
             ref = [forward(idx, ridx)[0].view(2, -1).float() for idx, ridx in zip(plan, rplan)]
     if args.loss.startswith("rpo"):  # prompt embeddings once per dataset (cached on disk), then ω once per micro-batch

@@ -67,6 +67,15 @@ def all_mean(values):
     return all_sum(values, mean=True)
 
 
+def all_max(value):
+    """The largest of every rank's number (collective: every rank calls it). Unchanged in a single process."""
+    if rank_world()[1] == 1:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def barrier():
     """Wait until every rank gets here (no-op in a single process)."""
     if rank_world()[1] > 1:

@@ -120,6 +120,32 @@ def test_finetune_packed_rows_equal_padded_rows(tiny_model_dir, tokenizer, decis
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g1, g2))
 
 
+def test_packing_check_turns_packing_off_for_a_model_that_does_not_mask_by_position_ids(tiny_model_dir, tokenizer,
+                                                                                          monkeypatch):
+    """batching.packing_is_exact: with transformers' block-causal mask from the position ids, packed rows give the
+    padded log-probs (Δ ≈ 0); with that mask gone (as in model code that ignores position ids) the sequence placed
+    second in a row sees the first, and the check fails, so finetune.py trains on padded rows."""
+    import transformers.masking_utils as masking
+    from transformers import AutoModelForCausalLM
+
+    import finetune
+    tok = tokenizer
+    texts = ["Hi.", "Hello there, friend. How are you today?", "Once upon a time", "A much longer answer " * 30]
+    data = [(policy_data.encode(tok, "Q?", 15 * i, a, False, 512), None) for i, a in enumerate(texts)]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+    def logps_of(idx, packed):
+        return finetune.micro_batch_logps(lambda *a: logprobs.token_logps(model, *a), data, idx, (), tok.pad_token_id,
+                                          "cpu", contextlib.nullcontext, packed)[0]
+    plan = [[3], [0, 1, 2, 3]]  # the first micro-batch packs nothing: the check takes the second
+    ok, diff = batching.packing_is_exact(logps_of, data, plan, tok.pad_token_id, 1e-4)
+    assert ok and diff < 1e-5
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
+    ok, diff = batching.packing_is_exact(logps_of, data, plan, tok.pad_token_id, 1e-4)
+    assert not ok and diff > 1e-4
+    assert batching.packing_is_exact(logps_of, data, [[3]], tok.pad_token_id, 1e-4) == (True, 0.0)  # nothing to pack
+
+
 # ----------------------------------------------------------------------------- runtime.batching.sorted_forward
 @pytest.mark.parametrize("rows", [1, 2, 3, 0])
 def test_rm_sorted_forward_equals_one_padded_forward(tiny_model_dir, tokenizer, rows):

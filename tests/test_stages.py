@@ -231,7 +231,7 @@ def test_finetune_sft_hindsight(repo_root, tiny_model_dir, tmp_path):
     out = tmp_path / "sft"
     p = run(repo_root, "finetune.py", "--scored", scored, "--loss", "sft", "--select", "hindsight",
             "--max-steps", 2, "--batch-size", 2, "--init", tiny_model_dir, "--out", out, *CPU)
-    assert "sft on 8 rows | 2 steps" in p.stdout
+    assert "sft on 8 rows | 2 steps" in p.stdout and "packed rows checked against padded ones" in p.stdout
     meta = json.loads((out / "meta.json").read_text())
     assert meta["loss"] == "sft" and meta["rows"] == 8 and meta["steps"] == 2 and meta["init"] == tiny_model_dir
     assert len(meta["log"]) == 2 and all(math.isfinite(s["loss"]) and s["loss"] > 0 for s in meta["log"])

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The whole DPA loop on the embedded SmolLM2-135M-Instruct, offline, on CPU:
 #   prepare → train_rm → ROUNDS × (sample → score → finetune) → evaluate every policy → steer example.
-# Hardware: 2 CPU cores, ~10 GB RAM (peak 7.0 GiB measured); no GPU or network needed. Disk: ~0.6 GB per saved policy under runs/.
-# Time (2 cores, bf16): 3,269 s (54 min) end to end on a quiet Intel Xeon with AVX-512 bf16 + AMX (README), over the
-#   30-minute budget;
+# Hardware: 2 CPU cores, ~10 GB RAM (peak 8.9 GiB measured); no GPU or network needed. Disk: ~0.6 GB per saved policy under runs/.
+# Time (2 cores, bf16): 3,269 s (54 min) end to end on a quiet Intel Xeon with AVX-512 bf16 + AMX, 4,287 s on a slow
+#   one (README), over the 30-minute budget;
 #   SMOKE=1 168 s on 2 AVX2-only cores in fp32 (tiny sizes: proves the plumbing, not the method).
 #   ABLATIONS=0 skips the evaluation of the best-of-3 reranking and of the RSF-only checkpoint.
 # Usage: bash run_all.sh            RECIPE=paper bash run_all.sh            SMOKE=1 bash run_all.sh
